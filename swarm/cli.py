@@ -1,0 +1,35 @@
+"""The one `swarm` console command: finds subcommands through the `swarm.commands` entry points.
+
+The dispatcher never imports a role package itself; each package declares its subcommands in
+pyproject.toml, so a role owns its command line.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib.metadata import entry_points
+
+
+def _commands() -> dict:
+    return {ep.name: ep for ep in entry_points(group="swarm.commands")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = _commands()
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: swarm COMMAND [ARGS...]\n\ncommands:")
+        for name in sorted(commands):
+            print(f"  {name}")
+        print("\n`swarm COMMAND --help` tells more.")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in commands:
+        print(f"swarm: unknown command {name!r}; known: {', '.join(sorted(commands))}", file=sys.stderr)
+        return 2
+    handler = commands[name].load()
+    return int(handler(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

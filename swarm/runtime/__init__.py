@@ -1,0 +1,14 @@
+"""The model-block runtime: the model's own transformers decoder layers for a span, run with our KV cache.
+
+- `checkpoint.py`  reads only the tensors a role needs from a standard HF checkpoint folder
+- `loading.py`     builds the model skeleton on the meta device and loads a span (or the client's head)
+                   through transformers' own checkpoint conversion
+- `cache.py`       the per-session KV cache the layers write into
+- `span.py`        SpanModel: runs [start, end) on hidden states with masks and rotary embeddings
+"""
+
+from swarm.runtime.cache import KVCache
+from swarm.runtime.loading import ClientHead, load_client_head, load_span
+from swarm.runtime.span import SpanModel
+
+__all__ = ["KVCache", "SpanModel", "ClientHead", "load_span", "load_client_head"]
