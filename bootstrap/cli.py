@@ -1,0 +1,61 @@
+"""`swarm bootstrap`: a long-lived DHT node with a stable identity that peers and clients join through.
+
+Prints each full multiaddr on its own stdout line, then serves until SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from swarm import records
+from swarm.errors import SwarmError
+from swarm.identity import Identity
+from swarm.net import NodeSettings, start_dht, start_p2p, visible_maddrs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="swarm bootstrap", description=__doc__.split("\n\n")[0])
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
+    p.add_argument("--port", type=int, default=0, help="libp2p TCP port (0 = any free port)")
+    p.add_argument("--identity", help="identity file; created if missing, keeps the peer id across restarts")
+    p.add_argument("--initial-peers", nargs="*", default=[], help="other bootstrap nodes to join")
+    p.add_argument("--announce-maddrs", nargs="*", default=[], help="addresses others should dial, if not the listen ones")
+    return p
+
+
+async def serve(args: argparse.Namespace) -> None:
+    identity = Identity.load_or_create(args.identity)
+    settings = NodeSettings(
+        initial_peers=tuple(args.initial_peers), host=args.host, port=args.port,
+        announce_maddrs=tuple(args.announce_maddrs), identity_path=identity.p2pd_identity_path,
+    )
+    p2p = await start_p2p(settings)
+    identity.close()
+    dht = None
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    try:
+        dht = await start_dht(p2p, settings, records.make_record_validator(identity))
+        for maddr in await visible_maddrs(p2p):
+            print(maddr, flush=True)
+        await stop.wait()
+    finally:
+        if dht is not None:
+            await dht.shutdown()
+        await p2p.shutdown()
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(serve(args))
+    except SwarmError as e:
+        print(f"swarm bootstrap: {e}", file=sys.stderr)
+        return 1
+    return 0

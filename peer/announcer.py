@@ -1,0 +1,66 @@
+"""Announcer: keeps this peer's DHT records fresh (state, span, load, cache left).
+
+Mutates nothing but the DHT. `announce(state)` stores one record per served block plus the model index
+entry; `run()` repeats it every `announce_period_s` with records that expire after `record_ttl_s`, so a
+peer that dies silently drops out of routes within about that time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+
+import swarm
+from swarm import records
+from swarm.protocol import PROTOCOL_MAJOR
+from swarm.runtime.loading import config_hash, dtype_name
+
+logger = logging.getLogger(__name__)
+
+
+class Announcer:
+    def __init__(self, server):
+        self.server = server
+
+    def _block_template(self, state: str) -> records.BlockRecord:
+        s = self.server
+        return records.BlockRecord(
+            model_id=s.model_id, block=s.span.start, state=records.BlockState(state),
+            start=s.span.start, end=s.span.end, software_version=swarm.__version__, protocol=PROTOCOL_MAJOR,
+            dtype=dtype_name(s.dtype), block_hash=s.span_model.block_hashes[0],
+            compute_tokens_s=s.compute_tokens_s, network_mbps=0.0,
+            cache_tokens_left=max(0, s.sessions.cache_tokens_left), active_sessions=s.sessions.active,
+            public_name=s.config.public_name, addrs=tuple(s.addrs[: records.MAX_ADDRS]),
+            drain_deadline=s.drain_deadline if state == "draining" else None,
+        )
+
+    async def announce(self, state: str) -> None:
+        s = self.server
+        template = self._block_template(state)
+        ttl = s.config.record_ttl_s
+        per_block = [
+            dataclasses.replace(template, block=block, block_hash=s.span_model.block_hashes[i])
+            for i, block in enumerate(range(s.span.start, s.span.end))
+        ]
+        stored = await records.announce_records(s.dht, s.identity, per_block, ttl)
+        if not all(stored):
+            logger.info("announce %s: %d of %d block records confirmed", state, sum(stored), len(stored))
+        model = records.ModelRecord(
+            model_id=s.model_id, num_blocks=s.model_config.num_hidden_layers,
+            repository=s.model_id, config_hash=config_hash(s.model_config),
+        )
+        await records.announce_model(s.dht, s.identity, model, ttl)
+
+    async def run(self) -> None:
+        """Heartbeat until cancelled. A failed round is logged and retried at the next period."""
+        period = self.server.config.announce_period_s
+        while True:
+            await asyncio.sleep(period)
+            started = time.monotonic()
+            try:
+                await self.announce(self.server.state)
+            except Exception:
+                logger.exception("announce failed; retrying in %.0f s", period)
+            logger.debug("announce took %.2f s", time.monotonic() - started)

@@ -1,0 +1,88 @@
+"""`swarm peer`: serve a span of a model's blocks to the swarm.
+
+Prints one line starting with `ready` (peer id, model id, blocks, multiaddrs) once it serves and is
+announced; announces `offline` and exits cleanly on Ctrl-C / SIGINT or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+
+from swarm.errors import SwarmError
+from swarm.spans import Span
+
+from peer.config import PeerConfig
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(PeerConfig)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = _DEFAULTS
+    p = argparse.ArgumentParser(prog="swarm peer", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="checkpoint folder (config.json + safetensors)")
+    p.add_argument("--blocks", required=True, help="span to serve, START:END (END exclusive), e.g. 0:16")
+    p.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of a bootstrap node or any peer")
+    p.add_argument("--host", default=d["host"], help="address to listen on (0.0.0.0 for all interfaces)")
+    p.add_argument("--port", type=int, default=d["port"], help="libp2p TCP port (0 = any free port)")
+    p.add_argument("--announce-maddrs", nargs="*", default=[], help="addresses others should dial (NAT, relay)")
+    p.add_argument("--identity", help="identity file; created if missing, a restart with it is the same peer")
+    p.add_argument("--model-id", help="name announced for the model (default: the checkpoint folder's name)")
+    p.add_argument("--public-name", default="", help="a name shown on the health page")
+    p.add_argument("--device", default=d["device"], help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--cache-tokens", type=int, default=d["cache_tokens"], help="KV cache budget in token slots")
+    p.add_argument("--max-session-length", type=int, default=d["max_session_length_tokens"])
+    p.add_argument("--max-tokens-per-step", type=int, default=d["max_tokens_per_step"])
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> PeerConfig:
+    return PeerConfig(
+        model_path=args.model, span=Span.parse(args.blocks), initial_peers=tuple(args.initial_peers),
+        host=args.host, port=args.port, announce_maddrs=tuple(args.announce_maddrs), identity_path=args.identity,
+        model_id=args.model_id, public_name=args.public_name, device=args.device, dtype=args.dtype,
+        cache_tokens=args.cache_tokens, max_session_length_tokens=args.max_session_length,
+        max_tokens_per_step=args.max_tokens_per_step,
+    )
+
+
+async def serve(config: PeerConfig) -> None:
+    from peer.server import PeerServer  # heavy imports (torch, transformers) after argument checks
+
+    server = PeerServer(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+        print(
+            f"ready peer_id={server.peer_id} model={server.model_id} blocks={config.span} "
+            f"addrs={','.join(server.addrs)}",
+            flush=True,
+        )
+        await stop.wait()
+        print("shutting down: announcing offline", flush=True)
+    finally:
+        await server.shutdown()
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = config_from_args(args)
+        asyncio.run(serve(config))
+    except SwarmError as e:
+        print(f"swarm peer: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,47 @@
+"""PeerConfig: everything a volunteer server is told, validated once; the CLI builds its flags from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from swarm.spans import Span
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    model_path: str
+    span: Span
+    initial_peers: tuple[str, ...] = ()
+    host: str = "127.0.0.1"
+    port: int = 0
+    announce_maddrs: tuple[str, ...] = ()
+    identity_path: str | None = None
+    model_id: str | None = None  # default: the checkpoint folder's name
+    public_name: str = ""
+    device: str = "cpu"
+    dtype: str | None = None  # default: float32 on CPU, bfloat16 on CUDA
+    attn_implementation: str = "sdpa"
+    # limits, enforced and announced in `info`
+    cache_tokens: int = 65536  # KV budget, counted in cached tokens x rows over the whole span
+    max_tokens_per_step: int = 4096
+    max_session_length_tokens: int = 8192
+    max_batch_size: int = 64
+    max_sessions_per_client: int = 32
+    max_message_bytes: int = 64 * 1024 * 1024
+    # timings
+    session_idle_timeout_s: float = 300.0
+    open_timeout_s: float = 30.0
+    announce_period_s: float = 10.0
+    record_ttl_s: float = 40.0
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def limits(self) -> dict:
+        return {
+            "max_tokens_per_step": self.max_tokens_per_step,
+            "max_session_length_tokens": self.max_session_length_tokens,
+            "max_batch_size": self.max_batch_size,
+            "max_sessions_per_client": self.max_sessions_per_client,
+            "max_message_bytes": self.max_message_bytes,
+            "session_idle_timeout_s": self.session_idle_timeout_s,
+        }

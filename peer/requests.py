@@ -1,0 +1,90 @@
+"""Strict decoders for what clients send a peer. Pure: message in, typed request out, ProtocolError or
+PeerRefused naming the problem otherwise. Nothing here touches sessions or tensors' contents beyond checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from swarm.errors import PeerRefused, ProtocolError
+from swarm.protocol import check_minor, require, require_int, unpack_tensor
+from swarm.spans import Span
+
+
+@dataclass(frozen=True)
+class OpenRequest:
+    model_id: str
+    blocks: tuple[int, int]
+    batch_size: int
+    max_length: int
+
+
+@dataclass(frozen=True)
+class StepRequest:
+    step_id: int
+    position: int
+    hidden: torch.Tensor  # [batch, new, hidden_size]
+    position_ids: torch.Tensor  # [batch, new] int64
+    valid: torch.Tensor  # [batch, new] bool
+
+
+def message_type(message: dict) -> str:
+    check_minor(message)
+    return require(message.get("type"), str, "type")
+
+
+def parse_open(message: dict, model_id: str, span: Span, max_length_limit: int) -> OpenRequest:
+    asked_model = require(message.get("model_id"), str, "model_id")
+    if asked_model != model_id:
+        raise PeerRefused(f"this peer serves model {model_id!r}, not {asked_model!r}")
+    blocks = require(message.get("blocks"), list, "blocks")
+    if len(blocks) != 2 or not all(type(b) is int for b in blocks):
+        raise ProtocolError("field 'blocks': expected [start, end] integers")
+    start, end = blocks
+    if not (span.start <= start < end <= span.end):
+        raise PeerRefused(f"blocks {start}:{end} are not served here; this peer serves {span}")
+    batch_size = require_int(message.get("batch_size"), "batch_size", 1, 1 << 16)
+    max_length = require_int(message.get("max_length"), "max_length", 1, 1 << 24)
+    if max_length > max_length_limit:
+        raise PeerRefused(f"session length {max_length} exceeds this peer's limit of {max_length_limit} tokens")
+    return OpenRequest(asked_model, (start, end), batch_size, max_length)
+
+
+def parse_step(
+    message: dict,
+    *,
+    batch_size: int,
+    hidden_size: int,
+    dtype_name: str,
+    position: int,
+    max_length: int,
+    max_tokens_per_step: int,
+) -> StepRequest:
+    step_id = require_int(message.get("step"), "step", 0, 1 << 62)
+    claimed = require_int(message.get("position"), "position", 0, 1 << 30)
+    if claimed != position:
+        raise ProtocolError(f"step at position {claimed}, but the session holds {position} tokens")
+    hidden = unpack_tensor(message.get("hidden"), "hidden", dtypes={dtype_name}, rank=3)
+    if hidden.shape[0] != batch_size or hidden.shape[2] != hidden_size:
+        raise ProtocolError(
+            f"hidden: shape {list(hidden.shape)} does not match [batch={batch_size}, tokens, hidden={hidden_size}]"
+        )
+    new = hidden.shape[1]
+    if not 1 <= new <= max_tokens_per_step:
+        raise ProtocolError(f"hidden: {new} tokens in one step; this peer takes 1..{max_tokens_per_step}")
+    if position + new > max_length:
+        raise ProtocolError(
+            f"step of {new} tokens at position {position} would overflow the session's declared length {max_length}"
+        )
+    if not torch.isfinite(hidden).all():
+        raise ProtocolError("hidden: contains NaN or infinity")
+    position_ids = unpack_tensor(message.get("position_ids"), "position_ids", dtypes={"int64"}, rank=2)
+    valid = unpack_tensor(message.get("valid"), "valid", dtypes={"bool"}, rank=2)
+    for name, tensor in (("position_ids", position_ids), ("valid", valid)):
+        if list(tensor.shape) != [batch_size, new]:
+            raise ProtocolError(f"{name}: shape {list(tensor.shape)}, expected [{batch_size}, {new}]")
+    if position_ids.numel() and (position_ids.min() < 0 or position_ids.max() >= max_length):
+        raise ProtocolError(f"position_ids: values must lie in [0, {max_length})")
+    return StepRequest(step_id, claimed, hidden, position_ids, valid)

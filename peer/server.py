@@ -1,0 +1,239 @@
+"""PeerServer: the imperative shell of a volunteer server.
+
+Owns one event loop's worth of tasks: p2pd + DHT node (swarm.net), the inference and info handlers,
+the announcer heartbeat and the session expiry sweep. Compute runs on one worker thread so the event
+loop keeps serving the network while a step runs. Handlers are thin: parse (peer.requests), delegate
+(SessionManager, SpanModel), serialize (swarm.protocol).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+import swarm
+from swarm import records
+from swarm.errors import PeerRefused, ProtocolError
+from swarm.identity import Identity
+from swarm.net import NodeSettings, start_dht, start_p2p, visible_maddrs
+from swarm.protocol import (
+    INFERENCE_HANDLER,
+    INFO_HANDLER,
+    PROTOCOL_MAJOR,
+    PROTOCOL_MINOR,
+    error_message,
+    pack_tensor,
+    read_message,
+    write_message,
+)
+from swarm.runtime import SpanModel, load_span
+from swarm.runtime.loading import dtype_name, load_config, parse_dtype
+from swarm.spans import check_model_id, default_model_id
+
+from peer.announcer import Announcer
+from peer.config import PeerConfig
+from peer.requests import message_type, parse_open, parse_step
+from peer.sessions import Session, SessionManager
+
+logger = logging.getLogger(__name__)
+
+
+class PeerServer:
+    def __init__(self, config: PeerConfig):
+        self.config = config
+        self.model_id = check_model_id(config.model_id) if config.model_id else default_model_id(config.model_path)
+        default_dtype = "bfloat16" if config.device.startswith("cuda") else "float32"
+        self.dtype = parse_dtype(config.dtype or default_dtype)
+        self.model_config = load_config(config.model_path, config.attn_implementation)
+        self.span = config.span
+        self.state = "joining"
+        self.span_model: SpanModel | None = None
+        self.sessions: SessionManager | None = None
+        self.p2p = None
+        self.dht = None
+        self.announcer: Announcer | None = None
+        self.identity: Identity | None = None
+        self.compute_tokens_s = 1.0
+        self.drain_deadline: float | None = None
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self._tasks: list[asyncio.Task] = []
+        self.addrs: list[str] = []
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Load the span, join the network, serve, announce online. Returns when ready."""
+        loop = asyncio.get_running_loop()
+        loaded = await loop.run_in_executor(
+            self._compute,
+            lambda: load_span(
+                self.config.model_path, self.span, dtype=self.dtype, device=self.config.device,
+                attn_implementation=self.config.attn_implementation,
+            ),
+        )
+        self.span_model = SpanModel(loaded)
+        self.sessions = SessionManager(self.config, self.span_model.new_cache)
+        self.compute_tokens_s = await loop.run_in_executor(self._compute, self._measure_compute)
+        self.identity = Identity.load_or_create(self.config.identity_path)
+        settings = NodeSettings(
+            initial_peers=self.config.initial_peers, host=self.config.host, port=self.config.port,
+            announce_maddrs=self.config.announce_maddrs, identity_path=self.identity.p2pd_identity_path,
+        )
+        self.announcer = Announcer(self)
+        try:
+            self.p2p = await start_p2p(settings)
+        finally:
+            self.identity.close()  # an ephemeral key file is read once by p2pd at start
+        await self.p2p.add_binary_stream_handler(INFERENCE_HANDLER, self._handle_inference)
+        await self.p2p.add_binary_stream_handler(INFO_HANDLER, self._handle_info)
+        self.dht = await start_dht(self.p2p, settings, records.make_record_validator(self.identity))
+        self.addrs = await visible_maddrs(self.p2p)
+        await self.announcer.announce("joining")
+        self.state = "online"
+        await self.announcer.announce("online")
+        self._tasks = [
+            asyncio.create_task(self.announcer.run(), name="announcer"),
+            asyncio.create_task(self._expire_sessions(), name="expiry"),
+        ]
+
+    async def shutdown(self) -> None:
+        """Announce offline, stop tasks, stop the network. Safe to call once after start()."""
+        self.state = "offline"
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.announcer is not None and self.dht is not None:
+            try:
+                await asyncio.wait_for(self.announcer.announce("offline"), timeout=5)
+            except (TimeoutError, OSError) as e:
+                logger.warning("could not announce offline: %s", e)
+        if self.dht is not None:
+            await self.dht.shutdown()
+        if self.p2p is not None:
+            await self.p2p.shutdown()
+        self._compute.shutdown(wait=False, cancel_futures=True)
+
+    def _measure_compute(self, tokens: int = 16, repeats: int = 3) -> float:
+        """Decode-like throughput of one block, tokens/s: a few single-token steps on a scratch cache."""
+        model = self.span_model
+        hidden = torch.zeros(tokens, 1, self.model_config.hidden_size)
+        valid = torch.ones(tokens, 1, dtype=torch.bool)
+        best = float("inf")
+        for i in range(repeats):
+            cache = model.new_cache(tokens, 1)
+            start = time.perf_counter()
+            model(hidden, torch.zeros(tokens, 1, dtype=torch.long), valid, cache, (self.span.start, self.span.start + 1))
+            if model.device.type == "cuda":
+                torch.cuda.synchronize(model.device)
+            best = min(best, time.perf_counter() - start)
+        return tokens / max(best, 1e-6)
+
+    @property
+    def peer_id(self) -> str:
+        return self.p2p.peer_id.to_base58()
+
+    def info(self) -> dict:
+        return {
+            "type": "info",
+            "version": swarm.__version__,
+            "protocol": [PROTOCOL_MAJOR, PROTOCOL_MINOR],
+            "handlers": [INFERENCE_HANDLER, INFO_HANDLER],
+            "model_id": self.model_id,
+            "span": [self.span.start, self.span.end],
+            "state": self.state,
+            "dtype": dtype_name(self.dtype),
+            "hidden_size": self.model_config.hidden_size,
+            "limits": self.config.limits,
+            "cache_tokens_left": self.sessions.cache_tokens_left if self.sessions else 0,
+            "active_sessions": self.sessions.active if self.sessions else 0,
+        }
+
+    async def _expire_sessions(self) -> None:
+        while True:
+            await asyncio.sleep(min(5.0, self.config.session_idle_timeout_s / 2))
+            for session in self.sessions.expired():
+                logger.info("session %s of %s expired after idling", session.session_id, session.client_id)
+                self.sessions.close(session)
+
+    # ------------------------------------------------------------ handlers
+
+    async def _handle_info(self, stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await asyncio.wait_for(read_message(reader, 64 * 1024), timeout=self.config.open_timeout_s)
+            await write_message(writer, self.info())
+        except (ProtocolError, asyncio.IncompleteReadError, TimeoutError, ConnectionError) as e:
+            logger.debug("info request failed: %s", e)
+        finally:
+            writer.close()
+
+    async def _handle_inference(self, stream_info, reader, writer) -> None:
+        client_id = stream_info.peer_id.to_base58()
+        session: Session | None = None
+        try:
+            session = await self._open_session(client_id, reader, writer)
+            if session is not None:
+                await self._serve_steps(session, reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            logger.debug("client %s closed its stream", client_id)
+        except TimeoutError:
+            logger.info("client %s idle on its stream for too long; closing the session", client_id)
+        except Exception:
+            logger.exception("inference stream of %s failed", client_id)
+        finally:
+            self.sessions.close(session)
+            writer.close()
+
+    async def _open_session(self, client_id: str, reader, writer) -> Session | None:
+        try:
+            message = await asyncio.wait_for(read_message(reader, 64 * 1024), timeout=self.config.open_timeout_s)
+            if message_type(message) != "open":
+                raise ProtocolError("the first message of an inference stream must be 'open'")
+            if self.state != "online":
+                raise PeerRefused(f"peer is {self.state} and takes no new sessions")
+            request = parse_open(message, self.model_id, self.span, self.config.max_session_length_tokens)
+            session = self.sessions.open(client_id, request.blocks, request.batch_size, request.max_length)
+        except (ProtocolError, PeerRefused) as e:
+            code = "refused" if isinstance(e, PeerRefused) else "protocol"
+            await write_message(writer, error_message(code, str(e), fatal=True))
+            return None
+        await write_message(writer, {"type": "opened", "session": session.session_id, "dtype": dtype_name(self.dtype)})
+        return session
+
+    async def _serve_steps(self, session: Session, reader, writer) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                message = await asyncio.wait_for(
+                    read_message(reader, self.config.max_message_bytes), timeout=self.config.session_idle_timeout_s
+                )
+            except ProtocolError as e:  # framing broken or oversized: the stream cannot be trusted further
+                await write_message(writer, error_message("protocol", str(e), fatal=True))
+                return
+            session.last_used_s = time.monotonic()
+            try:
+                kind = message_type(message)
+                if kind == "close":
+                    return
+                if kind != "step":
+                    raise ProtocolError(f"unknown message type {kind!r} (expected 'step' or 'close')")
+                request = parse_step(
+                    message, batch_size=session.batch_size, hidden_size=self.model_config.hidden_size,
+                    dtype_name=dtype_name(self.dtype), position=session.position,
+                    max_length=session.max_length, max_tokens_per_step=self.config.max_tokens_per_step,
+                )
+            except ProtocolError as e:
+                await write_message(writer, error_message("protocol", str(e)))
+                continue
+            hidden = await loop.run_in_executor(self._compute, self._run_step, session, request)
+            await write_message(
+                writer,
+                {"type": "result", "step": request.step_id, "position": session.position, "hidden": pack_tensor(hidden)},
+            )
+
+    def _run_step(self, session: Session, request) -> torch.Tensor:
+        out = self.span_model(request.hidden, request.position_ids, request.valid, session.cache, session.blocks)
+        return out.to("cpu")

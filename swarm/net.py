@@ -1,0 +1,124 @@
+"""Start hivemind's P2P daemon and a DHT node inside the calling event loop, with no orphans.
+
+`hivemind.DHT` runs its node in a forked child that outlives a kill -9 of its parent (with its p2pd), so
+a restart with the same identity fails with "already taken". Here the DHT node runs in our own event
+loop, and p2pd gets a parent-death signal, so a crashed peer leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from hivemind.dht.node import DHTNode
+from hivemind.dht.validation import RecordValidatorBase
+from hivemind.p2p import P2P, PeerID
+from hivemind.utils.multiaddr import Multiaddr
+
+from swarm.errors import ConfigError
+
+_PR_SET_PDEATHSIG = 1
+_spawn_lock = asyncio.Lock()
+
+
+def _die_with_parent() -> None:  # runs in the forked child before exec
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def _children_die_with_us():
+    """Make subprocesses spawned by asyncio in this block receive SIGKILL when this process dies."""
+    original = asyncio.subprocess.create_subprocess_exec
+
+    async def spawn(*args, **kwargs):
+        kwargs.setdefault("preexec_fn", _die_with_parent)
+        return await original(*args, **kwargs)
+
+    asyncio.subprocess.create_subprocess_exec = spawn
+    try:
+        yield
+    finally:
+        asyncio.subprocess.create_subprocess_exec = original
+
+
+@dataclass
+class NodeSettings:
+    initial_peers: Sequence[str] = ()
+    host: str = "127.0.0.1"
+    port: int = 0
+    announce_maddrs: Sequence[str] = ()
+    identity_path: str | None = None
+    client_mode: bool = False
+    startup_timeout_s: float = 30.0
+
+
+async def start_p2p(settings: NodeSettings) -> P2P:
+    """Start p2pd (dies with this process). Raises ConfigError with advice on the usual failures."""
+    host_maddr = f"/ip4/{settings.host}/tcp/{settings.port}" if ":" not in settings.host else (
+        f"/ip6/{settings.host}/tcp/{settings.port}"
+    )
+    kwargs = dict(
+        initial_peers=list(settings.initial_peers),
+        host_maddrs=[] if settings.client_mode else [host_maddr],
+        announce_maddrs=list(settings.announce_maddrs) or None,
+        identity_path=settings.identity_path,
+        startup_timeout=settings.startup_timeout_s,
+    )
+    if settings.client_mode:
+        kwargs["host_maddrs"] = ["/ip4/127.0.0.1/tcp/0"]
+    async with _spawn_lock:
+        with _children_die_with_us():
+            try:
+                return await P2P.create(**kwargs)
+            except Exception as e:  # p2pd reports failures as bare exceptions with its own text
+                raise ConfigError(_explain_p2p_failure(e, settings)) from e
+
+
+def _explain_p2p_failure(error: Exception, settings: NodeSettings) -> str:
+    text = str(error)
+    if "address already in use" in text.lower():
+        return f"port {settings.port} on {settings.host} is in use; pick another --port (or 0 for any)"
+    if "taken" in text.lower():
+        return f"identity {settings.identity_path} is already in use by a running process; stop it first"
+    if "bootstrap" in text.lower() or "initial" in text.lower() or "connect" in text.lower():
+        return f"could not reach the initial peers {list(settings.initial_peers)}: {text}; check the addresses"
+    return f"could not start the libp2p daemon: {text}"
+
+
+async def start_dht(
+    p2p: P2P,
+    settings: NodeSettings,
+    validator: RecordValidatorBase | None = None,
+) -> DHTNode:
+    """A DHT node in this event loop over `p2p`."""
+    try:
+        return await asyncio.wait_for(
+            DHTNode.create(
+                p2p=p2p,
+                initial_peers=list(settings.initial_peers),
+                client_mode=settings.client_mode,
+                record_validator=validator,
+                num_workers=4,
+            ),
+            timeout=settings.startup_timeout_s,
+        )
+    except TimeoutError:
+        raise ConfigError(
+            f"could not join the DHT through {list(settings.initial_peers)} within {settings.startup_timeout_s} s; "
+            "is the bootstrap node running and reachable?"
+        ) from None
+
+
+async def visible_maddrs(p2p: P2P) -> list[str]:
+    return [str(m) for m in await p2p.get_visible_maddrs()]
+
+
+async def connect(p2p: P2P, peer_id: PeerID, addrs: Sequence[str], timeout_s: float) -> None:
+    """Tell our p2pd where a peer can be dialed (from its DHT record) and connect."""
+    # p2pd wants transport addresses; a trailing /p2p/<id> component breaks its decoder
+    maddrs = [Multiaddr(a.split("/p2p/")[0]) for a in addrs]
+    await asyncio.wait_for(p2p._client.connect(peer_id, maddrs), timeout=timeout_s)

@@ -1,0 +1,153 @@
+"""The wire protocol both sides agree on: handler names, framing, message schemas, tensor codec.
+
+Transport: hivemind P2P binary streams, under explicitly named handlers whose name carries the major
+version. Framing: each frame is a 4-byte big-endian header (top bit: "more frames of this message
+follow", low 31 bits: payload length) and a payload; one message is one or more frames, so a payload
+above hivemind's 4 MiB cap travels in parts. Payload: a msgpack map. Tensors travel as
+{"dtype", "shape", "data"} with raw little-endian bytes (bfloat16 native). No pickle anywhere.
+
+Every message from the network passes a strict decoder here before anything uses it; a failure raises
+ProtocolError naming the field, which the peer answers with an error message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any
+
+import msgpack
+import torch
+
+from swarm.errors import ProtocolError
+
+PROTOCOL_MAJOR = 1
+PROTOCOL_MINOR = 0
+INFERENCE_HANDLER = f"/swarm/v{PROTOCOL_MAJOR}/inference"
+INFO_HANDLER = f"/swarm/v{PROTOCOL_MAJOR}/info"
+
+FRAME_BYTES = 1 << 20  # parts of at most 1 MiB, well below hivemind's 4 MiB message cap
+_MORE = 1 << 31
+_HEADER = 4
+
+WIRE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "bool": torch.bool,
+}
+_DTYPE_NAMES = {v: k for k, v in WIRE_DTYPES.items()}
+
+
+# ---------------------------------------------------------------- framing
+
+
+async def write_message(writer: asyncio.StreamWriter, message: dict) -> None:
+    """Serialize and send one message, split into frames of at most FRAME_BYTES."""
+    payload = msgpack.packb(message, use_bin_type=True)
+    view = memoryview(payload)
+    offsets = range(0, max(len(view), 1), FRAME_BYTES)
+    for offset in offsets:
+        part = view[offset : offset + FRAME_BYTES]
+        more = _MORE if offset + FRAME_BYTES < len(view) else 0
+        writer.write((len(part) | more).to_bytes(_HEADER, "big"))
+        writer.write(part)
+    await writer.drain()
+
+
+async def read_message(reader: asyncio.StreamReader, max_bytes: int) -> dict:
+    """Read one message; refuse it (ProtocolError) as soon as it exceeds `max_bytes`, before buffering it.
+
+    Raises asyncio.IncompleteReadError when the stream closes at a message boundary or mid-message.
+    """
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        header = int.from_bytes(await reader.readexactly(_HEADER), "big")
+        length, more = header & ~_MORE, bool(header & _MORE)
+        total += length
+        if total > max_bytes:
+            raise ProtocolError(f"message exceeds the limit of {max_bytes} bytes")
+        chunks.append(await reader.readexactly(length))
+        if not more:
+            break
+    try:
+        message = msgpack.unpackb(b"".join(chunks), raw=False, strict_map_key=True)
+    except (ValueError, msgpack.UnpackException, TypeError) as e:
+        raise ProtocolError(f"message is not valid msgpack: {e}") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("message must be a msgpack map")
+    return message
+
+
+# ---------------------------------------------------------------- tensors
+
+
+def pack_tensor(tensor: torch.Tensor) -> dict:
+    tensor = tensor.detach().contiguous().cpu()
+    if tensor.dtype not in _DTYPE_NAMES:
+        raise ProtocolError(f"dtype {tensor.dtype} cannot travel on the wire")
+    raw = tensor.view(torch.uint8) if tensor.numel() and tensor.dtype != torch.bool else tensor
+    data = raw.numpy().tobytes() if tensor.numel() else b""
+    return {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape), "data": data}
+
+
+def unpack_tensor(obj: Any, field: str, *, dtypes: set[str] | None = None, rank: int | None = None) -> torch.Tensor:
+    """Strictly decode a tensor field: known dtype, int shape, exact byte length."""
+    obj = require(obj, dict, field)
+    dtype_name = require(obj.get("dtype"), str, f"{field}.dtype")
+    if dtype_name not in WIRE_DTYPES or (dtypes is not None and dtype_name not in dtypes):
+        allowed = sorted(dtypes if dtypes is not None else WIRE_DTYPES)
+        raise ProtocolError(f"{field}: dtype {dtype_name!r} not accepted here (accepted: {', '.join(allowed)})")
+    shape = require(obj.get("shape"), list, f"{field}.shape")
+    if rank is not None and len(shape) != rank:
+        raise ProtocolError(f"{field}: expected rank {rank}, got shape {shape}")
+    if not all(type(d) is int and 0 <= d < 2**31 for d in shape):
+        raise ProtocolError(f"{field}: shape must be non-negative integers, got {shape}")
+    data = require(obj.get("data"), bytes, f"{field}.data")
+    dtype = WIRE_DTYPES[dtype_name]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    expected = math.prod(shape) * itemsize
+    if len(data) != expected:
+        raise ProtocolError(f"{field}: {len(data)} bytes do not match shape {shape} of {dtype_name} ({expected})")
+    if expected == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+
+
+# ---------------------------------------------------------------- field helpers
+
+
+def require(value: Any, kind: type, field: str) -> Any:
+    """Type check with no conversions (bool is not int)."""
+    if kind is int:
+        ok = type(value) is int
+    elif kind is float:
+        ok = type(value) in (int, float) and math.isfinite(value)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise ProtocolError(f"field {field!r}: expected {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def require_int(value: Any, field: str, lo: int, hi: int) -> int:
+    value = require(value, int, field)
+    if not lo <= value <= hi:
+        raise ProtocolError(f"field {field!r}: {value} is outside [{lo}, {hi}]")
+    return value
+
+
+def check_minor(message: dict) -> None:
+    minor = require(message.get("minor", 0), int, "minor")
+    if minor > PROTOCOL_MINOR:
+        raise ProtocolError(
+            f"protocol v{PROTOCOL_MAJOR}.{minor} is newer than this peer's v{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}; "
+            "upgrade the peer or use an older client"
+        )
+
+
+def error_message(code: str, text: str, *, fatal: bool = False) -> dict:
+    return {"type": "error", "code": code, "message": text, "fatal": fatal}
