@@ -18,6 +18,7 @@ class ClientConfig:
     step_timeout_s: float = 120.0
     route_poll_s: float = 1.0
     max_open_attempts: int = 5
+    blocked_peers: tuple[str, ...] = ()  # peer ids never to route through (untrusted, or a test's choice)
     cost_model: CostModel = field(default_factory=CostModel)
 
     def __post_init__(self) -> None:

@@ -48,6 +48,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self._transport: HivemindTransport | None = None
         self._session: InferenceSession | None = None
 
+    def _check_and_adjust_experts_implementation(self, experts_implementation):
+        return experts_implementation  # no experts run here: MoE blocks live on the peers
+
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the KV cache lives on the peers

@@ -183,7 +183,7 @@ class InferenceSession:
     async def _open_route(self, batch_size: int) -> None:
         model, config = self.model, self.model.client_config
         transport = await model.transport()
-        banned: set[str] = set()
+        banned: set[str] = set(config.blocked_peers)
         deadline = time.monotonic() + config.wait_for_route_s
         for _ in range(config.max_open_attempts):
             route, addrs = await self._plan(transport, banned, deadline)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/localswarm.py, shared by tests and benchmarks
 
 from swarm.tiny import make_tiny_model
 
@@ -32,3 +35,15 @@ def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., P
         return built[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def inprocess_swarm():
+    """One in-process swarm (bootstrap + whatever peers tests start) shared by the whole session."""
+    from localswarm import InProcessSwarm
+
+    swarm = InProcessSwarm()
+    try:
+        yield swarm
+    finally:
+        swarm.close()

@@ -112,3 +112,78 @@ class LocalSwarm:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class InProcessSwarm:
+    """Bootstrap node and PeerServers on one event loop in a background thread of this process.
+
+    Real p2pd daemons and real DHT nodes, but no Python start-up per peer, so the family matrix stays
+    cheap. Peers are the same PeerServer objects `swarm peer` runs.
+    """
+
+    def __init__(self):
+        import asyncio
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="inprocess-swarm", daemon=True)
+        self._thread.start()
+        self.servers = []
+        self._bootstrap = self._run(self._start_bootstrap())
+
+    def _run(self, coro, timeout_s: float = 120):
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
+
+    async def _start_bootstrap(self):
+        from swarm import records
+        from swarm.identity import Identity
+        from swarm.net import NodeSettings, start_dht, start_p2p, visible_maddrs
+
+        identity = Identity.load_or_create(None)
+        settings = NodeSettings(identity_path=identity.p2pd_identity_path)
+        p2p = await start_p2p(settings)
+        identity.close()
+        dht = await start_dht(p2p, settings, records.make_record_validator(identity))
+        self.initial_peers = await visible_maddrs(p2p)
+        return p2p, dht
+
+    def start_peers(self, model_path, spans: list[str], **config_fields) -> list:
+        """Start peers for these spans concurrently; returns their PeerServers once all are online."""
+        import asyncio
+
+        from peer.config import PeerConfig
+        from peer.server import PeerServer
+        from swarm.spans import Span
+
+        servers = [
+            PeerServer(PeerConfig(model_path=str(model_path), span=Span.parse(s),
+                                  initial_peers=tuple(self.initial_peers), **config_fields))
+            for s in spans
+        ]
+
+        async def start_all():
+            await asyncio.gather(*(s.start() for s in servers))
+
+        self._run(start_all())
+        self.servers.extend(servers)
+        return servers
+
+    def stop_peer(self, server) -> None:
+        self._run(server.shutdown())
+        self.servers.remove(server)
+
+    def close(self) -> None:
+        import asyncio
+
+        async def stop_all():
+            await asyncio.gather(*(s.shutdown() for s in self.servers), return_exceptions=True)
+            p2p, dht = self._bootstrap
+            await dht.shutdown()
+            await p2p.shutdown()
+
+        try:
+            self._run(stop_all(), timeout_s=60)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
