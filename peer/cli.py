@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-tokens", type=int, default=d["cache_tokens"], help="KV cache budget in token slots")
     p.add_argument("--max-session-length", type=int, default=d["max_session_length_tokens"])
     p.add_argument("--max-tokens-per-step", type=int, default=d["max_tokens_per_step"])
+    p.add_argument("--num-threads", type=int, help="torch CPU threads (default: all cores); use 1 when several peers share a machine")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -48,7 +49,7 @@ def config_from_args(args: argparse.Namespace) -> PeerConfig:
         host=args.host, port=args.port, announce_maddrs=tuple(args.announce_maddrs), identity_path=args.identity,
         model_id=args.model_id, public_name=args.public_name, device=args.device, dtype=args.dtype,
         cache_tokens=args.cache_tokens, max_session_length_tokens=args.max_session_length,
-        max_tokens_per_step=args.max_tokens_per_step,
+        max_tokens_per_step=args.max_tokens_per_step, num_threads=args.num_threads,
     )
 
 

@@ -68,6 +68,8 @@ class PeerServer:
     async def start(self) -> None:
         """Load the span, join the network, serve, announce online. Returns when ready."""
         loop = asyncio.get_running_loop()
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
         loaded = await loop.run_in_executor(
             self._compute,
             lambda: load_span(
@@ -189,7 +191,9 @@ class PeerServer:
 
     async def _open_session(self, client_id: str, reader, writer) -> Session | None:
         try:
-            message = await asyncio.wait_for(read_message(reader, 64 * 1024), timeout=self.config.open_timeout_s)
+            # an open is small; it is held to the announced message limit like every other message
+            limit = min(64 * 1024, self.config.max_message_bytes)
+            message = await asyncio.wait_for(read_message(reader, limit), timeout=self.config.open_timeout_s)
             if message_type(message) != "open":
                 raise ProtocolError("the first message of an inference stream must be 'open'")
             if self.state != "online":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import logging
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from hivemind.utils.multiaddr import Multiaddr
 from swarm.errors import ConfigError
 
 _PR_SET_PDEATHSIG = 1
+# hivemind logs every identity check and daemon start at INFO; our own lines say what matters
+logging.getLogger("hivemind.p2p.p2p_daemon").setLevel(logging.WARNING)
 _spawn_lock = asyncio.Lock()
 
 

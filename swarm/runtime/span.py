@@ -52,6 +52,15 @@ class SpanModel(nn.Module):
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
         return KVCache(self.span, batch_size, max_length)
 
+    def _mask_or_none(self, cache: KVCache, new: int, window: int | None) -> torch.Tensor | None:
+        """None where attention needs no mask (as transformers decides): a single new token, or a whole
+        prompt from an empty cache, with no padding anywhere and no window cutting into the past."""
+        total = cache.length + new
+        no_window_effect = window is None or total <= window
+        if (new == 1 or cache.length == 0) and no_window_effect and bool(cache.valid[:, :total].all()):
+            return None
+        return self._mask(cache.valid, cache.length, new, window)
+
     def _mask(self, valid: torch.Tensor, start: int, new: int, window: int | None) -> torch.Tensor:
         """[batch, 1, new, start + new] mask over cache slots; True/0.0 = attend."""
         total = start + new
@@ -85,12 +94,12 @@ class SpanModel(nn.Module):
         cache.begin(valid)
         try:
             position_embeddings = self.rotary_emb(hidden, position_ids)
-            masks: dict[int | None, torch.Tensor] = {}
+            masks: dict[int | None, torch.Tensor | None] = {}
             for block in range(start_block, end_block):
                 i = block - self.span.start
                 window = self.windows[i]
                 if window not in masks:
-                    masks[window] = self._mask(cache.valid, cache.length, new, window)
+                    masks[window] = self._mask_or_none(cache, new, window)
                 out = self.layers[i](
                     hidden,
                     attention_mask=masks[window],

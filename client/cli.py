@@ -1,0 +1,56 @@
+"""`swarm generate`: generate text through the swarm, streaming it as it is produced."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from swarm.errors import SwarmError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="swarm generate", description=__doc__)
+    p.add_argument("--model", required=True, help="checkpoint folder (config, embeddings/head tensors, tokenizer)")
+    p.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of a bootstrap node or any peer")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--model-id", help="the model id peers announce (default: the folder's name)")
+    p.add_argument("--wait-for-route", type=float, default=30.0, help="seconds to wait for missing blocks")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def generate_main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    try:
+        run_generate(args)
+    except SwarmError as e:
+        print(f"\nswarm generate: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    from transformers import AutoTokenizer, TextStreamer
+
+    from client import ClientConfig, DistributedModelForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    config = ClientConfig(
+        initial_peers=tuple(args.initial_peers), model_id=args.model_id, wait_for_route_s=args.wait_for_route
+    )
+    model = DistributedModelForCausalLM.from_pretrained(args.model, client_config=config)
+    try:
+        inputs = tokenizer(args.prompt, return_tensors="pt")
+        sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.temperature > 0 else {}
+        print(args.prompt, end="", flush=True)
+        model.generate(
+            **inputs, max_new_tokens=args.max_new_tokens, streamer=TextStreamer(tokenizer, skip_prompt=True),
+            pad_token_id=tokenizer.pad_token_id, **sampling,
+        )
+    finally:
+        model.shutdown()
