@@ -71,6 +71,13 @@ def _add(record: dict | None, key: str, seconds: float) -> None:
         record[key] = record.get(key, 0.0) + seconds
 
 
+def _packed(record: dict | None, seconds: float) -> None:
+    """A message was just serialized: what follows in write_message is the socket write, then drain."""
+    if record is not None:
+        _add(record, "msgpack_pack_s", seconds)
+        record["t_packed"] = now()
+
+
 # ---------------------------------------------------------------- client side
 
 
@@ -79,7 +86,9 @@ class ClientProbe:
 
     After exit: `forwards` (model.forward), `session_steps` (InferenceSession.step, caller's thread),
     `loop_steps` (InferenceSession._step, client loop), `hops` (SpanStream.step); each a list of dicts
-    with monotonic `t0`/`t1` and, for hops, the span, the session position and codec times in seconds.
+    with monotonic `t0`/`t1` and, for hops, the span, the session position, codec times in seconds,
+    `t_packed` (step message serialized, about to be written to the socket) and `t_read` (reply read
+    and unpacked).
     """
 
     def __init__(self):
@@ -97,11 +106,10 @@ class ClientProbe:
 
         s, p = client.session, self._patches
         p.set(swarm.protocol, "msgpack", _TimedMsgpack(
-            lambda dt: _add(self._hop, "msgpack_pack_s", dt), lambda dt: _add(self._hop, "msgpack_unpack_s", dt)
+            lambda dt: _packed(self._hop, dt), lambda dt: _add(self._hop, "msgpack_unpack_s", dt)
         ))
         p.set(s, "pack_tensor", self._timed(s.pack_tensor, "pack_tensor_s"))
         p.set(s, "unpack_tensor", self._timed(s.unpack_tensor, "unpack_tensor_s"))
-        p.set(s, "write_message", self._write(s.write_message))
         p.set(s, "read_message", self._read(s.read_message))
         p.set(s.SpanStream, "step", self._span_step(s.SpanStream.step))
         p.set(s.InferenceSession, "step", self._sync_span(s.InferenceSession.step, self.session_steps))
@@ -122,14 +130,6 @@ class ClientProbe:
                 _add(self._hop, key, now() - start)
 
         return timed
-
-    def _write(self, fn):
-        async def write_message(writer, message):
-            await fn(writer, message)
-            if self._hop is not None and message.get("type") == "step":
-                self._hop["t_written"] = now()
-
-        return write_message
 
     def _read(self, fn):
         async def read_message(reader, max_bytes):
@@ -186,7 +186,8 @@ class PeerProbe:
 
     Fields (monotonic seconds): t_read (step message read and unpacked), unpack_s, parse_s (strict
     decoding), t_compute0/t_compute1 (SpanModel forward and copy to CPU, on the compute thread),
-    pack_tensor_s, msgpack_pack_s, t_write0/t_write1 (write_message of the result: pack + send + drain).
+    pack_tensor_s, msgpack_pack_s, t_write0 (write_message of the result called), t_packed (result
+    serialized, about to be written to the socket), t_write1 (written and drained).
     """
 
     def __init__(self, path: str):
@@ -200,9 +201,7 @@ class PeerProbe:
         import swarm.protocol
 
         srv, p = peer.server, self._patches
-        p.set(swarm.protocol, "msgpack", _TimedMsgpack(
-            lambda dt: _add(self._step, "msgpack_pack_s", dt), self._note_unpack
-        ))
+        p.set(swarm.protocol, "msgpack", _TimedMsgpack(lambda dt: _packed(self._step, dt), self._note_unpack))
         p.set(srv, "read_message", self._read(srv.read_message))
         p.set(srv, "parse_step", self._parse(srv.parse_step))
         p.set(srv, "pack_tensor", self._pack(srv.pack_tensor))

@@ -204,7 +204,11 @@ class PeerServer:
             code = "refused" if isinstance(e, PeerRefused) else "protocol"
             await write_message(writer, error_message(code, str(e), fatal=True))
             return None
-        await write_message(writer, {"type": "opened", "session": session.session_id, "dtype": dtype_name(self.dtype)})
+        try:
+            await write_message(writer, {"type": "opened", "session": session.session_id, "dtype": dtype_name(self.dtype)})
+        except BaseException:  # the client left before the reply: the caller never sees this session
+            self.sessions.close(session)
+            raise
         return session
 
     async def _serve_steps(self, session: Session, reader, writer) -> None:

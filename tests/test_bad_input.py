@@ -475,7 +475,7 @@ def test_dropped_streams_release_everything(env):
     async def until(predicate, what: str, timeout_s: float = 10.0) -> None:
         deadline = time.monotonic() + timeout_s
         while not predicate():
-            assert time.monotonic() < deadline, what
+            assert time.monotonic() < deadline, f"{what}: {[s.sessions.active for s in env.servers]}"
             await asyncio.sleep(0.02)
 
     async def run(server):
