@@ -1,0 +1,21 @@
+# The two set-up commands of the README: `make demo` and `make test`. Both create the virtual
+# environment on first use (CPU torch pinned: an unpinned torch pulls gigabytes of CUDA packages).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+.PHONY: demo test venv
+venv: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/swarm demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest
