@@ -17,11 +17,12 @@ class ClientConfig:
     connect_timeout_s: float = 20.0
     step_timeout_s: float = 120.0
     route_poll_s: float = 1.0
+    ping_timeout_s: float = 2.0  # an info round trip measures each candidate's latency
     max_open_attempts: int = 5
     blocked_peers: tuple[str, ...] = ()  # peer ids never to route through (untrusted, or a test's choice)
     cost_model: CostModel = field(default_factory=CostModel)
 
     def __post_init__(self) -> None:
-        for name in ("wait_for_route_s", "connect_timeout_s", "step_timeout_s", "route_poll_s"):
+        for name in ("wait_for_route_s", "connect_timeout_s", "step_timeout_s", "route_poll_s", "ping_timeout_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0")

@@ -26,7 +26,7 @@ from swarm.spans import check_model_id, default_model_id
 
 from client import loop
 from client.config import ClientConfig
-from client.session import InferenceSession
+from client.session import InferenceSession, LatencyTable
 from client.transport import HivemindTransport
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.num_blocks = config.num_hidden_layers
         self._transport: HivemindTransport | None = None
         self._session: InferenceSession | None = None
+        self.latencies = LatencyTable()
 
     def _check_and_adjust_experts_implementation(self, experts_implementation):
         return experts_implementation  # no experts run here: MoE blocks live on the peers

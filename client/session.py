@@ -21,6 +21,7 @@ import torch
 from swarm.errors import MissingBlocksError, PeerError, PeerRefused, ProtocolError, SessionError
 from swarm.protocol import (
     INFERENCE_HANDLER,
+    INFO_HANDLER,
     PROTOCOL_MINOR,
     pack_tensor,
     read_message,
@@ -111,8 +112,14 @@ class SpanStream:
             self.writer.close()
 
 
-def candidates_from_snapshot(snapshot: dict) -> tuple[list[Candidate], dict[str, list[str]]]:
-    """Routing candidates and dial addresses from a DHT snapshot {block: {peer_id: BlockRecord}}."""
+def candidates_from_snapshot(
+    snapshot: dict, latencies: dict[str, float] | None = None
+) -> tuple[list[Candidate], dict[str, list[str]]]:
+    """Routing candidates and dial addresses from a DHT snapshot {block: {peer_id: BlockRecord}}.
+
+    `latencies` holds measured round trips (s) by peer id; peers missing from it get the planner's guess.
+    """
+    latencies = latencies or {}
     seen: dict[str, object] = {}
     for block_records in snapshot.values():
         for peer_id, record in block_records.items():
@@ -121,11 +128,44 @@ def candidates_from_snapshot(snapshot: dict) -> tuple[list[Candidate], dict[str,
     for peer_id, r in sorted(seen.items()):
         candidates.append(Candidate(
             peer_id=peer_id, span=Span(r.start, r.end), state=r.state,
-            compute_tokens_s=max(r.compute_tokens_s, 1e-3), active_sessions=r.active_sessions,
+            compute_tokens_s=max(r.compute_tokens_s, 1e-3), latency_s=latencies.get(peer_id),
+            active_sessions=r.active_sessions,
             queued_tokens=r.queued_tokens, cache_tokens_left=r.cache_tokens_left,
         ))
         addrs[peer_id] = list(r.addrs)
     return candidates, addrs
+
+
+class LatencyTable:
+    """Measured round trips to peers (an `info` request), reused for `max_age_s` before measuring again."""
+
+    def __init__(self, max_age_s: float = 60.0, clock=time.monotonic):
+        self.max_age_s = max_age_s
+        self.clock = clock
+        self._rtt: dict[str, tuple[float, float]] = {}  # peer id -> (seconds, measured at)
+
+    def known(self) -> dict[str, float]:
+        return {peer: rtt for peer, (rtt, _) in self._rtt.items()}
+
+    def stale(self, peers) -> list[str]:
+        now = self.clock()
+        return [p for p in peers if p not in self._rtt or now - self._rtt[p][1] > self.max_age_s]
+
+    async def measure(self, transport, addrs: dict[str, list[str]], timeout_s: float) -> None:
+        """Ping every stale peer concurrently; an unreachable peer is recorded with the timeout as its RTT."""
+        peers = self.stale(addrs)
+
+        async def ping(peer_id: str) -> None:
+            started = self.clock()
+            try:
+                await transport.request(peer_id, addrs[peer_id], INFO_HANDLER, {"type": "info"}, timeout_s)
+                rtt = self.clock() - started
+            except (PeerError, ProtocolError) as e:
+                logger.info("peer %s did not answer info: %s", peer_id, e)
+                rtt = timeout_s
+            self._rtt[peer_id] = (rtt, self.clock())
+
+        await asyncio.gather(*(ping(p) for p in peers))
 
 
 class InferenceSession:
@@ -167,7 +207,6 @@ class InferenceSession:
             raise SessionError(f"batch size changed from {self.row_tokens.shape[0]} to {batch} within a session")
         valid = valid.to(torch.bool).cpu()
         position_ids = (self.row_tokens[:, None] + valid.long().cumsum(-1) - 1).masked_fill(~valid, 0)
-        config = self.model.client_config
         out = loop.run(self._step(embeds.detach().cpu(), position_ids, valid), timeout_s=None)
         self.position += new
         self.row_tokens += valid.sum(-1)
@@ -200,7 +239,9 @@ class InferenceSession:
         model, config = self.model, self.model.client_config
         while True:
             snapshot = await transport.fetch_blocks(model.model_id, model.num_blocks)
-            candidates, addrs = candidates_from_snapshot(snapshot)
+            _, addrs = candidates_from_snapshot(snapshot)
+            await model.latencies.measure(transport, addrs, config.ping_timeout_s)
+            candidates, addrs = candidates_from_snapshot(snapshot, model.latencies.known())
             try:
                 route = plan_route(candidates, model.num_blocks, model_id=model.model_id, banned=frozenset(banned),
                                    need_cache_tokens=self.max_length, cost_model=config.cost_model)
