@@ -265,13 +265,16 @@ class InferenceSession:
             raise errors[0]
         return list(results)
 
+    async def _close_streams(self) -> None:
+        await asyncio.gather(*(s.close() for s in self.streams))
+
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
         if self.streams:
             try:
-                loop.run(asyncio.gather(*(s.close() for s in self.streams)), timeout_s=5)
+                loop.run(self._close_streams(), timeout_s=5)
             except Exception as e:  # closing is best effort: peers expire idle sessions themselves
                 logger.debug("closing streams: %s", e)
         self.model._session_closed(self)

@@ -9,6 +9,7 @@ loop keeps serving the network while a step runs. Handlers are thin: parse (peer
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +41,13 @@ from peer.requests import message_type, parse_open, parse_step
 from peer.sessions import Session, SessionManager
 
 logger = logging.getLogger(__name__)
+
+FATAL_LINGER_S = 2.0  # after a fatal error, how long a client may take to read it and close
+
+
+async def _discard(reader: asyncio.StreamReader) -> None:
+    while await reader.read(1 << 16):
+        pass
 
 
 class PeerServer:
@@ -165,9 +173,13 @@ class PeerServer:
 
     async def _handle_info(self, stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            await asyncio.wait_for(read_message(reader, 64 * 1024), timeout=self.config.open_timeout_s)
+            try:
+                await asyncio.wait_for(read_message(reader, 64 * 1024), timeout=self.config.open_timeout_s)
+            except ProtocolError as e:  # answered like any bad message, so the client learns why
+                await self._send_fatal(reader, writer, "protocol", str(e))
+                return
             await write_message(writer, self.info())
-        except (ProtocolError, asyncio.IncompleteReadError, TimeoutError, ConnectionError) as e:
+        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError) as e:
             logger.debug("info request failed: %s", e)
         finally:
             writer.close()
@@ -202,14 +214,24 @@ class PeerServer:
             session = self.sessions.open(client_id, request.blocks, request.batch_size, request.max_length)
         except (ProtocolError, PeerRefused) as e:
             code = "refused" if isinstance(e, PeerRefused) else "protocol"
-            await write_message(writer, error_message(code, str(e), fatal=True))
+            await self._send_fatal(reader, writer, code, str(e))
             return None
+        opened = {"type": "opened", "session": session.session_id, "dtype": dtype_name(self.dtype)}
         try:
-            await write_message(writer, {"type": "opened", "session": session.session_id, "dtype": dtype_name(self.dtype)})
+            await write_message(writer, opened)
         except BaseException:  # the client left before the reply: the caller never sees this session
             self.sessions.close(session)
             raise
         return session
+
+    @staticmethod
+    async def _send_fatal(reader, writer, code: str, text: str) -> None:
+        """Send a fatal error, then discard input until the client closes (at most FATAL_LINGER_S); the
+        caller closes the stream after. Closing (or half-closing) while the client still sends, e.g. the rest
+        of an oversized message, makes p2pd reset the stream, and the reset overtakes the error reply."""
+        await write_message(writer, error_message(code, text, fatal=True))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(_discard(reader), timeout=FATAL_LINGER_S)
 
     async def _serve_steps(self, session: Session, reader, writer) -> None:
         loop = asyncio.get_running_loop()
@@ -219,7 +241,7 @@ class PeerServer:
                     read_message(reader, self.config.max_message_bytes), timeout=self.config.session_idle_timeout_s
                 )
             except ProtocolError as e:  # framing broken or oversized: the stream cannot be trusted further
-                await write_message(writer, error_message("protocol", str(e), fatal=True))
+                await self._send_fatal(reader, writer, "protocol", str(e))
                 return
             session.last_used_s = time.monotonic()
             try:

@@ -60,6 +60,7 @@ async def write_message(writer: asyncio.StreamWriter, message: dict) -> None:
 async def read_message(reader: asyncio.StreamReader, max_bytes: int) -> dict:
     """Read one message; refuse it (ProtocolError) as soon as it exceeds `max_bytes`, before buffering it.
 
+    Headers count toward `max_bytes`, so an endless run of empty "more" frames is refused too.
     Raises asyncio.IncompleteReadError when the stream closes at a message boundary or mid-message.
     """
     chunks: list[bytes] = []
@@ -67,7 +68,7 @@ async def read_message(reader: asyncio.StreamReader, max_bytes: int) -> dict:
     while True:
         header = int.from_bytes(await reader.readexactly(_HEADER), "big")
         length, more = header & ~_MORE, bool(header & _MORE)
-        total += length
+        total += _HEADER + length
         if total > max_bytes:
             raise ProtocolError(f"message exceeds the limit of {max_bytes} bytes")
         chunks.append(await reader.readexactly(length))

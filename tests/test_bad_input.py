@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM
 
 from client import ClientConfig, DistributedModelForCausalLM
 from client.transport import HivemindTransport
+from peer.server import FATAL_LINGER_S
 from swarm.errors import VersionMismatch
 from swarm.protocol import (
     INFERENCE_HANDLER,
@@ -73,14 +74,16 @@ class RawClient:
 
     @asynccontextmanager
     async def stream(self, server, handler: str = INFERENCE_HANDLER):
-        reader, writer = await self.transport.open_stream(server.peer_id, server.addrs, handler, REPLY_TIMEOUT_S)
+        pid, addrs = server.peer_id, server.addrs
+        reader, writer = await self.transport.open_stream(pid, addrs, handler, REPLY_TIMEOUT_S)
         try:
             yield reader, writer
         finally:
             writer.close()
 
     async def info(self, server) -> dict:
-        return await self.transport.request(server.peer_id, server.addrs, INFO_HANDLER, {"type": "info"}, REPLY_TIMEOUT_S)
+        pid, addrs = server.peer_id, server.addrs
+        return await self.transport.request(pid, addrs, INFO_HANDLER, {"type": "info"}, REPLY_TIMEOUT_S)
 
 
 @dataclass
@@ -93,7 +96,8 @@ class Env:
 
 
 def greedy(model, ids, mask=None):
-    return model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    return model.generate(ids, attention_mask=mask, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +107,8 @@ def env(inprocess_swarm, tiny_model_path):
     raw = client = None
     try:
         raw = RawClient(inprocess_swarm.initial_peers)
-        client = DistributedModelForCausalLM.from_pretrained(
-            path, client_config=ClientConfig(initial_peers=tuple(inprocess_swarm.initial_peers), model_id=MODEL_ID)
-        )
+        config = ClientConfig(initial_peers=tuple(inprocess_swarm.initial_peers), model_id=MODEL_ID)
+        client = DistributedModelForCausalLM.from_pretrained(path, client_config=config)
         local = AutoModelForCausalLM.from_pretrained(path).eval()
         first = greedy(local, PROMPT)
         conversation = torch.cat([first, SECOND_TURN], dim=1)
@@ -120,16 +123,26 @@ def env(inprocess_swarm, tiny_model_path):
             inprocess_swarm.stop_peer(server)
 
 
-def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+def wait_until(predicate: Callable[[], bool], what: Callable[[], str], timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s} s: {what}")
+            raise AssertionError(f"not within {timeout_s} s: {what()}")
         time.sleep(0.02)
 
 
 def is_idle(server) -> bool:
     return server.sessions.active == 0 and server.sessions.cache_tokens_left == server.config.cache_tokens
+
+
+def still_open(env: Env, server) -> str:
+    """Failure text: whose sessions the peer still holds."""
+    names = {env.raw.transport.p2p.peer_id.to_base58(): "the raw client"}
+    if env.client._transport is not None:
+        names[env.client._transport.p2p.peer_id.to_base58()] = "the healthy client (closed its session)"
+    owners = [names.get(s.client_id, s.client_id) for s in server.sessions._sessions.values()]
+    left = server.sessions.cache_tokens_left
+    return f"peer {server.span} back to idle; still open: sessions of {owners}, {left} cache tokens left"
 
 
 def around_healthy_session(env: Env, bad: Callable[[], None]) -> None:
@@ -143,7 +156,7 @@ def around_healthy_session(env: Env, bad: Callable[[], None]) -> None:
         # `second` starts with the first turn's last token (returned, never fed), then the new turn
         assert torch.equal(second[:, 1 + SECOND_TURN.shape[1] :], env.second)
     for server in env.servers:
-        wait_until(lambda s=server: is_idle(s), f"peer {server.span} back to idle")
+        wait_until(lambda s=server: is_idle(s), lambda s=server: still_open(env, s))
         info = env.raw.run(env.raw.info(server))
         assert info["type"] == "info" and info["span"] == [server.span.start, server.span.end]
         assert info["active_sessions"] == 0 and info["cache_tokens_left"] == server.config.cache_tokens
@@ -192,11 +205,10 @@ def assert_error(reply: dict, *words: str, code: str = "protocol", fatal: bool =
         assert word.lower() in text, f"error message {reply.get('message')!r} does not name {word!r}"
 
 
-async def assert_fatal(reader, reply: dict, *words: str, code: str = "protocol") -> None:
-    """A fatal error naming every word, after which the peer ends the stream: nothing more comes."""
+def assert_fatal(reply: dict, *words: str, code: str = "protocol") -> None:
+    """A fatal error naming every word. The peer then only waits for us to close (as leaving the
+    `stream` block does), or ends the stream itself soon (test_fatal_error_ends_the_stream)."""
     assert_error(reply, *words, code=code, fatal=True)
-    with pytest.raises(asyncio.IncompleteReadError):
-        await reply_to(reader)
 
 
 async def assert_step_works(reader, writer, position: int) -> None:
@@ -205,22 +217,32 @@ async def assert_step_works(reader, writer, position: int) -> None:
     assert reply["type"] == "result" and reply["position"] == position + 1, reply
 
 
-def with_bad_steps(env: Env, cases: list[tuple[Callable[[int], dict], tuple[str, ...]]], **open_fields) -> None:
-    """On one raw session per peer: each bad step gets an error naming the problem; then a good step works."""
+AT = 1  # where with_bad_steps sends its bad steps: after one good step
+
+
+def with_bad_steps(env: Env, cases: list[tuple[dict, tuple[str, ...]]], **open_fields) -> None:
+    """On one raw session per peer: each bad step (at position AT) gets an error naming the problem,
+    then a good step still works."""
 
     async def run(server):
         async with env.raw.stream(server) as (reader, writer):
             await open_session(reader, writer, server, **open_fields)
             await assert_step_works(reader, writer, 0)
-            for make, words in cases:
-                assert_error(await ask(reader, writer, make(1)), *words)
-            await assert_step_works(reader, writer, 1)
+            for message, words in cases:
+                assert_error(await ask(reader, writer, message), *words)
+            await assert_step_works(reader, writer, AT)
+
+    around_healthy_session(env, on_every_peer(env, run))
+
+
+def on_every_peer(env: Env, run: Callable[[Any], Coroutine[Any, Any, None]]) -> Callable[[], None]:
+    """The bad action for around_healthy_session: `run(server)` on the raw client, each peer in turn."""
 
     def bad():
         for server in env.servers:
             env.raw.run(run(server))
 
-    around_healthy_session(env, bad)
+    return bad
 
 
 def frame(payload: bytes, more: bool = False) -> bytes:
@@ -230,43 +252,50 @@ def frame(payload: bytes, more: bool = False) -> bytes:
 # ---------------------------------------------------------------- 1-4, 10: malformed steps
 
 
-def hidden_of(tensor: torch.Tensor) -> Callable[[int], dict]:
-    return lambda position: step_message(position, hidden=pack_tensor(tensor))
+def bad_step(**fields) -> dict:
+    return step_message(AT, **fields)
+
+
+def bad_hidden(hidden: torch.Tensor | dict) -> dict:
+    return bad_step(hidden=pack_tensor(hidden) if isinstance(hidden, torch.Tensor) else hidden)
+
+
+def packed_hidden(**fields) -> dict:
+    """A well-formed [1, 1, HIDDEN] float32 tensor field with `fields` replaced."""
+    return {**pack_tensor(torch.randn(1, 1, HIDDEN)), **fields}
 
 
 def test_wrong_hidden_size(env):
     with_bad_steps(env, [
-        (hidden_of(torch.randn(1, 1, HIDDEN + 1)), ("hidden", f"hidden={HIDDEN}")),
-        (hidden_of(torch.randn(1, 1, HIDDEN // 2)), ("hidden", f"hidden={HIDDEN}")),
-        (hidden_of(torch.randn(2, 1, HIDDEN)), ("hidden", "batch=1")),  # batch differs from the open
-        # the bytes do not match the declared shape
-        (lambda p: step_message(p, hidden={**pack_tensor(torch.randn(1, 1, HIDDEN)), "shape": [1, 1, HIDDEN * 2]}),
-         ("hidden", "bytes do not match")),
+        (bad_hidden(torch.randn(1, 1, HIDDEN + 1)), ("hidden", f"hidden={HIDDEN}")),
+        (bad_hidden(torch.randn(1, 1, HIDDEN // 2)), ("hidden", f"hidden={HIDDEN}")),
+        (bad_hidden(torch.randn(2, 1, HIDDEN)), ("hidden", "batch=1")),  # batch differs from the open
+        (bad_hidden(packed_hidden(shape=[1, 1, HIDDEN * 2])), ("hidden", "bytes do not match")),
     ])
 
 
 def test_wrong_dtype(env):
-    as_float64 = {**pack_tensor(torch.randn(1, 2, HIDDEN // 2)), "dtype": "float64", "shape": [1, 1, HIDDEN]}
+    # float64 bytes of the right length: only the dtype is wrong
+    as_float64 = packed_hidden(dtype="float64", data=torch.randn(1, 1, HIDDEN // 2).numpy().tobytes())
     with_bad_steps(env, [
-        (lambda p: step_message(p, hidden=as_float64), ("hidden", "dtype", "float64")),
-        (hidden_of(torch.ones(1, 1, HIDDEN, dtype=torch.int64)), ("hidden", "dtype", "int64")),
-        (hidden_of(torch.randn(1, 1, HIDDEN).to(torch.bfloat16)), ("hidden", "dtype", "bfloat16", "float32")),
-        (lambda p: step_message(p, hidden={**pack_tensor(torch.randn(1, 1, HIDDEN)), "dtype": 7}), ("hidden.dtype",)),
-        (lambda p: step_message(p, valid=pack_tensor(torch.ones(1, 1, dtype=torch.int64))), ("valid", "dtype")),
-        (lambda p: step_message(p, position_ids=pack_tensor(torch.tensor([[p]], dtype=torch.int32))),
-         ("position_ids", "dtype")),
+        (bad_hidden(as_float64), ("hidden", "dtype", "float64")),
+        (bad_hidden(torch.ones(1, 1, HIDDEN, dtype=torch.int64)), ("hidden", "dtype", "int64")),
+        # a wire dtype, but not the one this peer computes in
+        (bad_hidden(torch.randn(1, 1, HIDDEN).bfloat16()), ("hidden", "dtype", "bfloat16", "float32")),
+        (bad_hidden(packed_hidden(dtype=7)), ("hidden.dtype",)),
+        (bad_step(valid=pack_tensor(torch.ones(1, 1, dtype=torch.int64))), ("valid", "dtype")),
+        (bad_step(position_ids=pack_tensor(torch.tensor([[AT]]).int())), ("position_ids", "dtype")),
     ])
 
 
 def test_wrong_rank(env):
     with_bad_steps(env, [
-        (hidden_of(torch.randn(1, HIDDEN)), ("hidden", "rank 3")),
-        (hidden_of(torch.randn(1, 1, 1, HIDDEN)), ("hidden", "rank 3")),
-        (lambda p: step_message(p, hidden={"dtype": "float32", "shape": [], "data": b"\0" * 4}), ("hidden", "rank 3")),
-        (lambda p: step_message(p, valid=pack_tensor(torch.ones(1, dtype=torch.bool))), ("valid", "rank 2")),
-        (lambda p: step_message(p, hidden="not a tensor"), ("hidden", "expected dict")),
-        (lambda p: step_message(p, hidden={**pack_tensor(torch.randn(1, 1, HIDDEN)), "shape": [1, -1, HIDDEN]}),
-         ("hidden", "non-negative")),
+        (bad_hidden(torch.randn(1, HIDDEN)), ("hidden", "rank 3")),
+        (bad_hidden(torch.randn(1, 1, 1, HIDDEN)), ("hidden", "rank 3")),
+        (bad_hidden({"dtype": "float32", "shape": [], "data": b"\0" * 4}), ("hidden", "rank 3")),  # a scalar
+        (bad_step(valid=pack_tensor(torch.ones(1, dtype=torch.bool))), ("valid", "rank 2")),
+        (bad_hidden("not a tensor"), ("hidden", "expected dict")),
+        (bad_hidden(packed_hidden(shape=[1, -1, HIDDEN])), ("hidden", "non-negative")),
     ])
 
 
@@ -277,26 +306,29 @@ def test_nan_and_inf_in_hidden(env):
         return hidden
 
     with_bad_steps(env, [
-        (hidden_of(poisoned(float("nan"))), ("hidden", "NaN")),
-        (hidden_of(poisoned(float("inf"))), ("hidden", "infinity")),
-        (hidden_of(poisoned(float("-inf"))), ("hidden", "infinity")),
+        (bad_hidden(poisoned(float("nan"))), ("hidden", "NaN")),
+        (bad_hidden(poisoned(float("inf"))), ("hidden", "infinity")),
+        (bad_hidden(poisoned(float("-inf"))), ("hidden", "infinity")),
     ])
 
 
 def test_wrong_positions(env):
+    empty = dict(
+        hidden=pack_tensor(torch.randn(1, 0, HIDDEN)), position_ids=pack_tensor(torch.zeros(1, 0).long()),
+        valid=pack_tensor(torch.zeros(1, 0).bool()),
+    )
     with_bad_steps(env, [
-        (lambda p: step_message(p + 1), ("position", f"holds {1} tokens")),  # ahead of the session
-        (lambda p: step_message(p - 1), ("position", "holds 1 tokens")),  # replays an old position
-        (lambda p: step_message(p, position=-1), ("position",)),
-        (lambda p: step_message(p, position="1"), ("position", "expected int")),
-        (lambda p: step_message(p, position_ids=pack_tensor(torch.tensor([[p, p + 1]]))), ("position_ids", "shape")),
-        (lambda p: step_message(p, valid=pack_tensor(torch.ones(1, 2, dtype=torch.bool))), ("valid", "shape")),
-        (lambda p: step_message(p, position_ids=pack_tensor(torch.tensor([[16]]))), ("position_ids", "[0, 16)")),
-        (lambda p: step_message(p, position_ids=pack_tensor(torch.tensor([[-1]]))), ("position_ids", "[0, 16)")),
-        (lambda p: step_message(p, step=-1), ("step",)),
-        (lambda p: step_message(p, hidden=pack_tensor(torch.randn(1, 0, HIDDEN)),
-                                position_ids=pack_tensor(torch.zeros(1, 0, dtype=torch.long)),
-                                valid=pack_tensor(torch.zeros(1, 0, dtype=torch.bool))), ("hidden", "0 tokens")),
+        (step_message(AT + 1), ("position 2", f"holds {AT} tokens")),  # ahead of the session
+        (step_message(AT - 1), ("position 0", f"holds {AT} tokens")),  # replays an old position
+        (bad_step(position=-1), ("position", "outside")),
+        (bad_step(position="1"), ("position", "expected int")),
+        (bad_step(position_ids=pack_tensor(torch.tensor([[AT, AT]]))), ("position_ids", "shape", "[1, 1]")),
+        (bad_step(valid=pack_tensor(torch.ones(1, 2, dtype=torch.bool))), ("valid", "shape", "[1, 1]")),
+        # the session's max_length is 16
+        (bad_step(position_ids=pack_tensor(torch.tensor([[16]]))), ("position_ids", "[0, 16)")),
+        (bad_step(position_ids=pack_tensor(torch.tensor([[-1]]))), ("position_ids", "[0, 16)")),
+        (bad_step(step=-1), ("step", "outside")),
+        (bad_step(**empty), ("hidden", "0 tokens")),
     ])
 
 
@@ -319,13 +351,14 @@ def test_blocks_not_served_and_bad_open(env):
         (first, {"max_length": 0}, ("max_length",), "protocol"),
         (first, {"batch_size": 1000}, ("batch size", "exceeds"), "refused"),
         (first, {"batch_size": True}, ("batch_size", "expected int"), "protocol"),
+        (first, {"batch_size": 64, "max_length": 8192}, ("cache full",), "refused"),
     ]
 
     async def run():
         for server, fields, words, code in cases:
             async with env.raw.stream(server) as (reader, writer):
                 # a refused open ends the stream
-                await assert_fatal(reader, await ask(reader, writer, open_message(server, **fields)), *words, code=code)
+                assert_fatal(await ask(reader, writer, open_message(server, **fields)), *words, code=code)
 
     around_healthy_session(env, lambda: env.raw.run(run()))
 
@@ -342,7 +375,7 @@ def test_step_overflowing_declared_length(env):
             await assert_step_works(reader, writer, 3)  # exactly full
             assert_error(await ask(reader, writer, step_message(4)), "overflow")
 
-    around_healthy_session(env, lambda: [env.raw.run(run(server)) for server in env.servers])
+    around_healthy_session(env, on_every_peer(env, run))
 
 
 # ---------------------------------------------------------------- 7, 8: framing
@@ -358,24 +391,26 @@ def test_oversized_message_refused_from_the_header(env):
             await open_session(reader, writer, server)
             writer.write((MAX_MESSAGE_BYTES + 1).to_bytes(4, "big"))
             await writer.drain()
-            await assert_fatal(reader, await reply_to(reader), "exceeds", str(MAX_MESSAGE_BYTES))
+            assert_fatal(await reply_to(reader), "exceeds", str(MAX_MESSAGE_BYTES))
         # several frames: the first fits, the second header pushes the total over
         async with env.raw.stream(server) as (reader, writer):
             await open_session(reader, writer, server)
             writer.write(frame(b"\x00" * (MAX_MESSAGE_BYTES - 10), more=True) + (11).to_bytes(4, "big"))
             await writer.drain()
-            await assert_fatal(reader, await reply_to(reader), "exceeds", str(MAX_MESSAGE_BYTES))
-        # a whole, well-formed step that is simply too big
-        async with env.raw.stream(server) as (reader, writer):
-            await open_session(reader, writer, server, max_length=256)
-            big = step_message(0, tokens=MAX_MESSAGE_BYTES // (4 * HIDDEN) + 1)
-            await assert_fatal(reader, await ask(reader, writer, big), "exceeds", str(MAX_MESSAGE_BYTES))
+            assert_fatal(await reply_to(reader), "exceeds", str(MAX_MESSAGE_BYTES))
+        # a whole, well-formed step that is simply too big; repeated, since the reply used to be lost at
+        # random when the peer closed the stream while the rest of the message was still coming
+        big = step_message(0, tokens=MAX_MESSAGE_BYTES // (4 * HIDDEN) + 1)
+        for _ in range(8):
+            async with env.raw.stream(server) as (reader, writer):
+                await open_session(reader, writer, server, max_length=256)
+                assert_fatal(await ask(reader, writer, big), "exceeds", str(MAX_MESSAGE_BYTES))
         # the open message is held to the same limit
         async with env.raw.stream(server) as (reader, writer):
             padded = open_message(server, padding=b"x" * MAX_MESSAGE_BYTES)
-            await assert_fatal(reader, await ask(reader, writer, padded), "exceeds", str(MAX_MESSAGE_BYTES))
+            assert_fatal(await ask(reader, writer, padded), "exceeds", str(MAX_MESSAGE_BYTES))
 
-    around_healthy_session(env, lambda: [env.raw.run(run(server)) for server in env.servers])
+    around_healthy_session(env, on_every_peer(env, run))
 
 
 def test_garbage_bytes(env):
@@ -390,6 +425,8 @@ def test_garbage_bytes(env):
         (frame(msgpack.packb("open")), ("msgpack map",)),
         (frame(msgpack.packb({1: "open"})), ("msgpack",)),  # map keys must be strings
         (frame(b""), ("msgpack",)),
+        (frame(b"\x91" * 20000 + b"\xc0"), ("msgpack",)),  # nested deeper than the decoder allows
+        (frame(b"", more=True) * (MAX_MESSAGE_BYTES // 4 + 1), ("exceeds",)),  # endless empty "more" frames
     ]
 
     async def run(server):
@@ -401,9 +438,43 @@ def test_garbage_bytes(env):
                     writer.write(data)
                     await writer.drain()
                     # garbage ends the stream: what follows it cannot be trusted to be framed
-                    await assert_fatal(reader, await reply_to(reader), *words)
+                    assert_fatal(await reply_to(reader), *words)
 
-    around_healthy_session(env, lambda: [env.raw.run(run(server)) for server in env.servers])
+    around_healthy_session(env, on_every_peer(env, run))
+
+
+def test_garbage_to_info(env):
+    """`info` answers a garbage request with an error too, and a good request after it as usual."""
+
+    async def run(server):
+        for data, words in ((b"\x7f\xff\xff\xff", ("exceeds",)), (frame(b"\xc1"), ("msgpack",))):
+            async with env.raw.stream(server, INFO_HANDLER) as (reader, writer):
+                writer.write(data)
+                assert_fatal(await reply_to(reader), *words)
+        assert (await env.raw.info(server))["model_id"] == MODEL_ID
+
+    around_healthy_session(env, on_every_peer(env, run))
+
+
+def test_fatal_error_ends_the_stream(env):
+    """After a fatal error the peer serves nothing more on the stream, and a client that does not close
+    it is cut off within FATAL_LINGER_S (the peer waits that long so the error reply is not lost)."""
+
+    async def run(server):
+        async with env.raw.stream(server) as (reader, writer):
+            await open_session(reader, writer, server)
+            writer.write(frame(msgpack.packb([1, 2, 3])))
+            assert_fatal(await reply_to(reader), "msgpack map")
+            started = time.monotonic()
+            await write_message(writer, step_message(0))  # ignored: the stream is done
+            with pytest.raises(asyncio.IncompleteReadError):
+                await reply_to(reader)
+            assert time.monotonic() - started < FATAL_LINGER_S + 3
+
+    async def both():
+        await asyncio.gather(*(run(server) for server in env.servers))
+
+    around_healthy_session(env, lambda: env.raw.run(both()))
 
 
 # ---------------------------------------------------------------- 9, 11: versions and message types
@@ -415,14 +486,16 @@ def test_newer_minor_version(env):
 
     async def run(server):
         async with env.raw.stream(server) as (reader, writer):
-            await assert_fatal(reader, await ask(reader, writer, open_message(server, minor=newer)), version, "newer")
+            assert_fatal(await ask(reader, writer, open_message(server, minor=newer)), version, "newer")
         async with env.raw.stream(server) as (reader, writer):
             await open_session(reader, writer, server)
             assert_error(await ask(reader, writer, step_message(0, minor=newer)), version, "newer")
             assert_error(await ask(reader, writer, step_message(0, minor="1")), "minor")
-            await assert_step_works(reader, writer, 0)
+            # an older client, and unknown fields (forward compatible), are served as usual
+            reply = await ask(reader, writer, step_message(0, minor=0, future_field={"x": [1, 2]}))
+            assert reply["type"] == "result" and reply["position"] == 1
 
-    around_healthy_session(env, lambda: [env.raw.run(run(server)) for server in env.servers])
+    around_healthy_session(env, on_every_peer(env, run))
 
 
 def test_unknown_major_version_names_what_the_peer_speaks(env):
@@ -432,8 +505,8 @@ def test_unknown_major_version_names_what_the_peer_speaks(env):
         for server in env.servers:
             started = time.monotonic()
             with pytest.raises(VersionMismatch) as caught:
-                env.raw.run(env.raw.transport.open_stream(server.peer_id, server.addrs, future, REPLY_TIMEOUT_S))
-            assert time.monotonic() - started < REPLY_TIMEOUT_S  # answered, not timed out
+                env.raw.run(env.raw.transport.open_stream(server.peer_id, server.addrs, future, timeout_s=5))
+            assert time.monotonic() - started < 5  # answered, not timed out
             text = str(caught.value)
             assert future in text and INFERENCE_HANDLER in text and server.peer_id in text, text
 
@@ -444,16 +517,17 @@ def test_wrong_message_types(env):
     async def run(server):
         for first in (step_message(0), {"type": "hello", "minor": PROTOCOL_MINOR}, {"minor": 0}, {"type": 3}):
             async with env.raw.stream(server) as (reader, writer):
-                words = ("must be 'open'",) if isinstance(first.get("type"), str) else ("type", "expected str")
-                await assert_fatal(reader, await ask(reader, writer, first), *words)
+                words = ("must be 'open'",) if isinstance(first.get("type"), str) else ("type", "str")
+                assert_fatal(await ask(reader, writer, first), *words)
         async with env.raw.stream(server) as (reader, writer):
             await open_session(reader, writer, server)
-            assert_error(await ask(reader, writer, {"type": "frobnicate"}), "unknown message type", "frobnicate")
+            reply = await ask(reader, writer, {"type": "frobnicate"})
+            assert_error(reply, "unknown message type", "'frobnicate'")
             assert_error(await ask(reader, writer, open_message(server)), "unknown message type", "open")
             assert_error(await ask(reader, writer, {"type": None}), "type")
             await assert_step_works(reader, writer, 0)
 
-    around_healthy_session(env, lambda: [env.raw.run(run(server)) for server in env.servers])
+    around_healthy_session(env, on_every_peer(env, run))
 
 
 # ---------------------------------------------------------------- 12: streams dropped half-way
@@ -483,12 +557,16 @@ def test_dropped_streams_release_everything(env):
         open_bytes = msgpack.packb(open_message(server), use_bin_type=True)
         await drop_after(server)  # nothing sent at all
         await drop_after(server, send=frame(open_bytes)[:10])  # half an open frame
-        await drop_after(server, send=frame(open_bytes))  # open sent, reply never read
+        # open sent, reply never read: the peer's "opened" meets a closed stream (this session used to leak;
+        # the next drop_after's count of 2 catches it if the check here ran before the open arrived)
+        await drop_after(server, send=frame(open_bytes))
         await drop_after(server, send=frame(open_bytes), opened=True)  # opened, no step
         half_step = frame(msgpack.packb(step_message(0), use_bin_type=True))
         await drop_after(server, send=frame(open_bytes), opened=True, then=half_step[: len(half_step) // 2])
         await drop_after(server, send=frame(open_bytes), opened=True, then=half_step[:2])  # half a header
-        await until(lambda: server.sessions.cache_tokens_left == healthy_budget, "budget back to the healthy one")
+        await drop_after(server, send=frame(open_bytes), opened=True, then=half_step)  # result never read
+        budget_back = lambda: server.sessions.cache_tokens_left == healthy_budget  # noqa: E731
+        await until(budget_back, "budget back to the healthy session's")
 
     def bad():
         for server in env.servers:
