@@ -91,7 +91,8 @@ class ClientProbe:
     and unpacked).
     """
 
-    def __init__(self):
+    def __init__(self, cuda_sync: bool = False):
+        self.cuda_sync = cuda_sync  # wait for the GPU at the end of forward, so its time is the GPU's too
         self.forwards: list[dict] = []
         self.session_steps: list[dict] = []
         self.loop_steps: list[dict] = []
@@ -115,7 +116,7 @@ class ClientProbe:
         p.set(s.InferenceSession, "step", self._sync_span(s.InferenceSession.step, self.session_steps))
         p.set(s.InferenceSession, "_step", self._async_span(s.InferenceSession._step, self.loop_steps))
         model_cls = client.model.DistributedModelForCausalLM
-        p.set(model_cls, "forward", self._sync_span(model_cls.forward, self.forwards))
+        p.set(model_cls, "forward", self._sync_span(model_cls.forward, self.forwards, self.cuda_sync))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -156,12 +157,16 @@ class ClientProbe:
         return step
 
     @staticmethod
-    def _sync_span(fn, records: list):
+    def _sync_span(fn, records: list, cuda_sync: bool = False):
         def wrapper(*args, **kwargs):
             start = now()
             try:
                 return fn(*args, **kwargs)
             finally:
+                if cuda_sync:
+                    import torch
+
+                    torch.cuda.synchronize()
                 records.append({"t0": start, "t1": now()})
 
         return wrapper
@@ -226,7 +231,8 @@ class PeerProbe:
             start = now()
             request = fn(message, **kwargs)
             if self._step is not None:
-                self._step.update(parse_s=now() - start, position=request.position, new=request.hidden.shape[1])
+                self._step.update(parse_s=now() - start, position=request.position,
+                                  new=request.hidden.shape[1])
             return request
 
         return parse_step
