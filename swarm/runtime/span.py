@@ -94,6 +94,7 @@ class SpanModel(nn.Module):
         cache.begin(valid)
         try:
             position_embeddings = self.rotary_emb(hidden, position_ids)
+            cache_position = torch.arange(cache.length, cache.length + new, device=self.device)
             masks: dict[int | None, torch.Tensor | None] = {}
             for block in range(start_block, end_block):
                 i = block - self.span.start
@@ -106,7 +107,7 @@ class SpanModel(nn.Module):
                     position_ids=position_ids,
                     position_embeddings=position_embeddings,
                     use_cache=True,
-                    cache_position=torch.arange(cache.length, cache.length + new, device=self.device),
+                    cache_position=cache_position,
                     **{self._cache_arg: cache},
                 )
                 hidden = out[0] if isinstance(out, tuple) else out
