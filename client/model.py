@@ -26,6 +26,7 @@ from swarm.spans import check_model_id, default_model_id
 
 from client import loop
 from client.config import ClientConfig
+from client.policies import BanList
 from client.session import InferenceSession, LatencyTable
 from client.transport import HivemindTransport
 
@@ -61,6 +62,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self._transport: HivemindTransport | None = None
         self._session: InferenceSession | None = None
         self.latencies = LatencyTable()
+        self.bans = BanList(self.client_config.ban_policy)
 
     def _check_and_adjust_experts_implementation(self, experts_implementation):
         return experts_implementation  # no experts run here: MoE blocks live on the peers

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from swarm.errors import MissingBlocksError, PeerError, PeerRefused, ProtocolError, SessionError
+from swarm.errors import MissingBlocksError, PeerError, PeerRefused, ProtocolError, SessionError, SwarmError
 from swarm.protocol import (
     INFERENCE_HANDLER,
     INFO_HANDLER,
@@ -26,12 +26,14 @@ from swarm.protocol import (
     pack_tensor,
     read_message,
     require,
+    WIRE_DTYPES,
     unpack_tensor,
     write_message,
 )
 from swarm.spans import Span
 
 from client import loop
+from client.policies import blame
 from client.routing import Candidate, Hop, plan_route
 
 logger = logging.getLogger(__name__)
@@ -42,12 +44,13 @@ REPLY_MAX_BYTES = 1 << 30
 class SpanStream:
     """One open inference stream to one peer for blocks [hop.span.start, hop.span.end)."""
 
-    def __init__(self, hop: Hop, reader, writer, dtype: torch.dtype, timeout_s: float):
+    def __init__(self, hop: Hop, reader, writer, dtype: torch.dtype, config):
         self.hop = hop
         self.reader, self.writer = reader, writer
         self.dtype = dtype
-        self.timeout_s = timeout_s
+        self.config = config
         self.steps = 0
+        self.drain_deadline: float | None = None  # set when the peer says in-band that it is leaving
 
     @classmethod
     async def open(cls, transport, hop: Hop, addrs, model_id: str, batch_size: int, max_length: int, config):
@@ -58,17 +61,13 @@ class SpanStream:
                 "blocks": [hop.span.start, hop.span.end], "batch_size": batch_size, "max_length": max_length,
             })
             reply = await cls._reply(reader, hop, config.connect_timeout_s)
-            if reply.get("type") != "opened":
-                raise ProtocolError(f"peer answered {reply.get('type')!r} to open")
-            dtype = require(reply.get("dtype"), str, "dtype")
-            from swarm.protocol import WIRE_DTYPES
-
-            if dtype not in WIRE_DTYPES:
-                raise ProtocolError(f"peer computes in unknown dtype {dtype!r}")
+            dtype = reply.get("dtype")
+            if reply.get("type") != "opened" or dtype not in WIRE_DTYPES:
+                raise PeerError(f"bad answer to open: type {reply.get('type')!r}, dtype {dtype!r}", peer=hop.peer_id)
         except BaseException:
             writer.close()
             raise
-        return cls(hop, reader, writer, WIRE_DTYPES[dtype], config.step_timeout_s)
+        return cls(hop, reader, writer, WIRE_DTYPES[dtype], config)
 
     @staticmethod
     async def _reply(reader, hop: Hop, timeout_s: float) -> dict:
@@ -92,20 +91,26 @@ class SpanStream:
             "hidden": pack_tensor(hidden.to(self.dtype)), "position_ids": pack_tensor(position_ids),
             "valid": pack_tensor(valid),
         })
-        reply = await self._reply(self.reader, self.hop, self.timeout_s)
+        tokens = hidden.shape[0] * hidden.shape[1]
+        timeout_s = self.config.step_timeout_s + tokens * self.config.step_timeout_per_token_s
+        reply = await self._reply(self.reader, self.hop, timeout_s)
         try:
             out = unpack_tensor(reply.get("hidden"), "hidden", rank=3)
+            deadline = reply.get("drain_deadline")
+            if deadline is not None:
+                self.drain_deadline = float(require(deadline, float, "drain_deadline"))
         except ProtocolError as e:
             raise PeerError(f"malformed result: {e}", peer=self.hop.peer_id) from None
-        if out.shape != hidden.shape or not torch.isfinite(out).all():
+        if out.dtype != self.dtype or out.shape != hidden.shape or not torch.isfinite(out).all():
             raise PeerError(f"result of shape {list(out.shape)} (expected {list(hidden.shape)}) or not finite",
                             peer=self.hop.peer_id)
         self.steps += 1
         return out
 
     async def close(self) -> None:
+        """Say goodbye if the stream still works; never waits more than a second (a hung peer)."""
         try:
-            await asyncio.wait_for(write_message(self.writer, {"type": "close"}), timeout=2)
+            await asyncio.wait_for(write_message(self.writer, {"type": "close"}), timeout=1)
         except (TimeoutError, ConnectionError, RuntimeError):
             pass
         finally:
@@ -168,8 +173,47 @@ class LatencyTable:
         await asyncio.gather(*(ping(p) for p in peers))
 
 
+class HopState:
+    """One hop of the route: its open stream and every input it was fed (what recovery replays).
+
+    inputs: (hidden [batch, new, hidden] as sent, position_ids [batch, new], valid [batch, new]) per step.
+    """
+
+    def __init__(self, stream: SpanStream):
+        self.stream = stream
+        self.inputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    @property
+    def span(self) -> Span:
+        return self.stream.hop.span
+
+    @property
+    def peer_id(self) -> str:
+        return self.stream.hop.peer_id
+
+    def keep(self, hidden: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor) -> None:
+        self.inputs.append((hidden.to(self.stream.dtype), position_ids, valid))
+
+    @property
+    def kept_bytes(self) -> int:
+        return sum(sum(t.numel() * t.element_size() for t in step) for step in self.inputs)
+
+    def kept(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """All kept inputs joined along the token axis, or None before the first step."""
+        if not self.inputs:
+            return None
+        return tuple(torch.cat([step[k] for step in self.inputs], dim=1) for k in range(3))
+
+
 class InferenceSession:
-    """A multi-step conversation through the swarm. Use as a context manager; not thread-safe."""
+    """A multi-step conversation through the swarm. Use as a context manager; not thread-safe.
+
+    Failover: when a hop fails (stream closed, step timeout, error reply) or its peer announces in-band
+    that it is draining, the hop's blocks are routed again around the banned peer (one or several new
+    spans), the new spans are fed the hop's kept inputs so their caches hold exactly the same positions,
+    and the step goes on. Kept inputs cost, per hop, batch x tokens x hidden_size x (wire dtype bytes);
+    `ClientConfig.max_kept_bytes` bounds the whole session up front.
+    """
 
     def __init__(self, model, max_length: int):
         self.model = model
@@ -178,12 +222,17 @@ class InferenceSession:
         self.row_tokens: torch.Tensor | None = None
         self.pending: torch.Tensor | None = None
         self.call_start = 0
-        self.streams: list[SpanStream] = []
+        self.hops: list[HopState] = []
+        self.recoveries = 0  # hops replaced so far (failures and drains), for logs and tests
         self.closed = False
 
     @property
     def route(self) -> list[Hop]:
-        return [s.hop for s in self.streams]
+        return [h.stream.hop for h in self.hops]
+
+    @property
+    def kept_bytes(self) -> int:
+        return sum(h.kept_bytes for h in self.hops)
 
     def __enter__(self) -> InferenceSession:
         return self
@@ -195,7 +244,7 @@ class InferenceSession:
         """Run new tokens' embeddings through every span; returns the last span's hidden states."""
         if self.closed:
             raise SessionError("this inference session is closed")
-        batch, new, _ = embeds.shape
+        batch, new, hidden_size = embeds.shape
         if self.position + new > self.max_length:
             raise SessionError(
                 f"session max_length={self.max_length} reached ({self.position} + {new} tokens); "
@@ -212,67 +261,152 @@ class InferenceSession:
         self.row_tokens += valid.sum(-1)
         return out.to(embeds.device, embeds.dtype)
 
+    def _check_memory(self, batch: int, hidden_size: int) -> None:
+        """Refuse up front a session whose kept inputs could exceed max_kept_bytes (float32, every hop full)."""
+        worst = self.max_length * batch * hidden_size * 4 * max(1, len(self.hops))
+        limit = self.model.client_config.max_kept_bytes
+        if worst > limit:
+            raise SessionError(
+                f"a session of {self.max_length} tokens x batch {batch} over {len(self.hops)} hops would keep up "
+                f"to {worst} bytes of inputs for recovery, above max_kept_bytes={limit}; "
+                "shorten the session or raise the limit"
+            )
+
     async def _step(self, hidden, position_ids, valid):
-        if not self.streams:
-            await self._open_route(hidden.shape[0])
-        for stream in self.streams:
-            hidden = await stream.step(hidden, position_ids, valid, self.position)
+        if not self.hops:
+            self.hops = await self._build(0, self.model.num_blocks, None)
+            self._check_memory(hidden.shape[0], hidden.shape[2])
+        i = 0
+        while i < len(self.hops):
+            hop = self.hops[i]
+            try:
+                out = await hop.stream.step(hidden, position_ids, valid, self.position)
+            except (PeerError, ConnectionError, TimeoutError) as e:
+                self._blame(hop, e)
+                await self._replace(i, f"failed: {e}")
+                continue  # the same step, now on the replacement hop(s)
+            hop.keep(hidden, position_ids, valid)
+            self.model.bans.clear(hop.peer_id)
+            hidden = out
+            i += 1
+        for i in reversed(range(len(self.hops))):  # at the step boundary: leave peers that are draining
+            if self.hops[i].stream.drain_deadline is not None:
+                await self._replace(i, "draining")
         return hidden
 
-    async def _open_route(self, batch_size: int) -> None:
+    def _blame(self, hop: HopState, error: BaseException) -> None:
+        peer = blame(hop.peer_id, error)
+        if peer is not None:
+            self.model.bans.ban(peer, str(error))
+        logger.warning("hop %s [%s] failed: %s", hop.peer_id[-6:], hop.span, error)
+
+    async def _replace(self, i: int, reason: str) -> None:
+        """Route hop i's blocks again (around banned peers), replay its kept inputs, swap it out."""
+        old = self.hops[i]
+        if reason == "draining":
+            self.model.bans.ban(old.peer_id, "draining")
+        new = await self._build(old.span.start, old.span.end, old.kept())
+        self.hops[i : i + 1] = new
+        self.recoveries += 1
+        logger.info("hop %s [%s] %s; replaced by %s", old.peer_id[-6:], old.span, reason,
+                    ", ".join(f"{h.peer_id[-6:]} [{h.span}]" for h in new))
+        asyncio.create_task(old.stream.close())  # a hung peer must not hold us up
+
+    async def _build(self, start: int, end: int, kept) -> list[HopState]:
+        """Open hops covering blocks [start, end) and feed them `kept` inputs; retried within the policy."""
+        config = self.model.client_config
+        retry = config.recovery_policy.start()
+        while True:
+            route, addrs = await self._plan(start, end)
+            hops: list[HopState] = []
+            try:
+                hops = await self._open(route, addrs)
+                await self._replay(hops, kept)
+                return hops
+            except (PeerError, ConnectionError, TimeoutError) as e:
+                failed = next((h for h in hops if h.peer_id == getattr(e, "peer", None)), None)
+                peer = blame(failed.peer_id if failed else getattr(e, "peer", "") or "", e)
+                if peer:
+                    self.model.bans.ban(peer, str(e))
+                for hop in hops:
+                    asyncio.create_task(hop.stream.close())
+                delay = retry.next_delay()
+                if delay is None:
+                    raise SessionError(
+                        f"could not route blocks {start}:{end} after {retry.attempt} attempts "
+                        f"in {retry.elapsed_s():.1f} s; last error: {e}"
+                    ) from e
+                logger.warning("routing blocks %d:%d failed (%s); retrying in %.2f s", start, end, e, delay)
+                await asyncio.sleep(delay)
+
+    async def _plan(self, start: int, end: int):
+        """A route for [start, end) from a fresh DHT snapshot; waits for missing blocks up to the deadline."""
         model, config = self.model, self.model.client_config
         transport = await model.transport()
-        banned: set[str] = set(config.blocked_peers)
-        deadline = time.monotonic() + config.wait_for_route_s
-        for _ in range(config.max_open_attempts):
-            route, addrs = await self._plan(transport, banned, deadline)
-            try:
-                self.streams = await self._open_streams(transport, route, addrs, batch_size)
-                logger.info("route: %s", " -> ".join(f"{h.peer_id[-6:]}[{h.span}]" for h in route))
-                return
-            except (PeerError, ProtocolError) as e:
-                logger.warning("could not open the route: %s", e)
-                banned.update(getattr(e, "peer", None) and {e.peer} or set())
-        raise SessionError(f"could not open a route after {config.max_open_attempts} attempts; see the log")
-
-    async def _plan(self, transport, banned, deadline):
-        model, config = self.model, self.model.client_config
+        retry = config.route_wait_policy.start()
         while True:
             snapshot = await transport.fetch_blocks(model.model_id, model.num_blocks)
             _, addrs = candidates_from_snapshot(snapshot)
-            await model.latencies.measure(transport, addrs, config.ping_timeout_s)
+            banned = model.bans.banned() | set(config.blocked_peers)
+            await model.latencies.measure(
+                transport, {p: a for p, a in addrs.items() if p not in banned}, config.ping_timeout_s
+            )
             candidates, addrs = candidates_from_snapshot(snapshot, model.latencies.known())
             try:
-                route = plan_route(candidates, model.num_blocks, model_id=model.model_id, banned=frozenset(banned),
-                                   need_cache_tokens=self.max_length, cost_model=config.cost_model)
+                route = plan_route(
+                    candidates, model.num_blocks, model_id=model.model_id, start_block=start, end_block=end,
+                    banned=banned, need_cache_tokens=self.max_length, cost_model=config.cost_model,
+                )
                 return route, addrs
             except MissingBlocksError:
-                logger.debug("no route yet; snapshot %s", {b: {k[-4:]: (r.state, r.start, r.end) for k, r in v.items()} for b, v in snapshot.items()})
-                if time.monotonic() >= deadline:
+                delay = retry.next_delay()
+                if delay is None:
                     raise
-                await asyncio.sleep(config.route_poll_s)
+                logger.debug("no route for %d:%d yet; snapshot %s", start, end,
+                             {b: sorted(p[-6:] for p in v) for b, v in snapshot.items()})
+                await asyncio.sleep(delay)
 
-    async def _open_streams(self, transport, route, addrs, batch_size) -> list[SpanStream]:
+    async def _open(self, route: list[Hop], addrs) -> list[HopState]:
         model, config = self.model, self.model.client_config
+        transport = await model.transport()
+        batch = int(self.row_tokens.shape[0]) if self.row_tokens is not None else 1
         results = await asyncio.gather(*(
-            SpanStream.open(transport, hop, addrs.get(hop.peer_id, []), model.model_id, batch_size,
+            SpanStream.open(transport, hop, addrs.get(hop.peer_id, []), model.model_id, batch,
                             self.max_length, config)
             for hop in route
         ), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
-            await asyncio.gather(*(r.close() for r in results if isinstance(r, SpanStream)))
+            for r in results:
+                if isinstance(r, SpanStream):
+                    asyncio.create_task(r.close())
             raise errors[0]
-        return list(results)
+        logger.info("route: %s", " -> ".join(f"{h.peer_id[-6:]}[{h.span}]" for h in route))
+        return [HopState(stream) for stream in results]
+
+    async def _replay(self, hops: list[HopState], kept) -> None:
+        """Feed the kept inputs through the new hops in chunks, so each cache holds every past position."""
+        if kept is None:
+            return
+        chunk = self.model.client_config.replay_chunk_tokens
+        hidden, position_ids, valid = kept
+        for hop in hops:
+            outs = []
+            for offset in range(0, hidden.shape[1], chunk):
+                part = (hidden[:, offset : offset + chunk], position_ids[:, offset : offset + chunk],
+                        valid[:, offset : offset + chunk])
+                outs.append(await hop.stream.step(*part, offset))
+                hop.keep(*part)
+            hidden = torch.cat(outs, dim=1)
 
     async def _close_streams(self) -> None:
-        await asyncio.gather(*(s.close() for s in self.streams))
+        await asyncio.gather(*(h.stream.close() for h in self.hops))
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        if self.streams:
+        if self.hops:
             try:
                 loop.run(self._close_streams(), timeout_s=5)
             except Exception as e:  # closing is best effort: peers expire idle sessions themselves
