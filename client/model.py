@@ -27,7 +27,7 @@ from swarm.spans import check_model_id, default_model_id
 from client import loop
 from client.config import ClientConfig
 from client.policies import BanList
-from client.session import InferenceSession, LatencyTable
+from client.session import InferenceSession, LatencyTable, SnapshotCache
 from client.transport import HivemindTransport
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self._transport: HivemindTransport | None = None
         self._session: InferenceSession | None = None
         self.latencies = LatencyTable()
+        self.snapshots = SnapshotCache()
         self.bans = BanList(self.client_config.ban_policy)
 
     def _check_and_adjust_experts_implementation(self, experts_implementation):

@@ -141,6 +141,23 @@ def candidates_from_snapshot(
     return candidates, addrs
 
 
+class SnapshotCache:
+    """The last DHT snapshot of the model's blocks, reused for `max_age_s` (routing and recovery)."""
+
+    def __init__(self, max_age_s: float = 30.0, clock=time.monotonic):
+        self.max_age_s = max_age_s
+        self.clock = clock
+        self._value: tuple[float, dict] | None = None
+
+    def get(self) -> dict | None:
+        if self._value is None or self.clock() - self._value[0] > self.max_age_s:
+            return None
+        return self._value[1]
+
+    def put(self, snapshot: dict) -> None:
+        self._value = (self.clock(), snapshot)
+
+
 class LatencyTable:
     """Measured round trips to peers (an `info` request), reused for `max_age_s` before measuring again."""
 
@@ -344,8 +361,15 @@ class InferenceSession:
         model, config = self.model, self.model.client_config
         transport = await model.transport()
         retry = config.route_wait_policy.start()
+        fresh = False
         while True:
-            snapshot = await transport.fetch_blocks(model.model_id, model.num_blocks)
+            # recovery first tries the snapshot it already has (minus banned peers): no DHT round on the
+            # critical path; a fresh one is fetched when that one has no route or is old
+            snapshot = model.snapshots.get() if not fresh else None
+            if snapshot is None:
+                snapshot = await transport.fetch_blocks(model.model_id, model.num_blocks)
+                model.snapshots.put(snapshot)
+                fresh = True
             _, addrs = candidates_from_snapshot(snapshot)
             banned = model.bans.banned() | set(config.blocked_peers)
             await model.latencies.measure(
@@ -359,6 +383,9 @@ class InferenceSession:
                 )
                 return route, addrs
             except MissingBlocksError:
+                if not fresh:
+                    fresh = True
+                    continue
                 delay = retry.next_delay()
                 if delay is None:
                     raise
