@@ -107,8 +107,10 @@ class LocalSwarm:
         return line
 
     def close(self) -> None:
+        # SIGINT: leave now (announce offline); SIGTERM would drain open sessions for the grace period
         for proc in reversed(self.procs):
-            proc.kill(signal.SIGTERM)
+            proc.kill(signal.SIGCONT)
+            proc.kill(signal.SIGINT)
         for proc in self.procs:
             try:
                 proc.popen.wait(10)

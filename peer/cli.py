@@ -1,7 +1,10 @@
 """`swarm peer`: serve a span of a model's blocks to the swarm.
 
 Prints one line starting with `ready` (peer id, model id, blocks, multiaddrs) once it serves and is
-announced; announces `offline` and exits cleanly on Ctrl-C / SIGINT or SIGTERM.
+announced. Leaving (peer.drain): Ctrl-C / SIGINT announces `offline` and exits at once; SIGTERM, a file
+at --drain-notice-file or a notice at --drain-notice-url starts draining (a `draining: ...` line): no
+new sessions, open ones go on until they close or --drain-grace-s passes, then `offline` and exit 0. A
+second SIGTERM or SIGINT while draining exits at once. The last line says why it leaves (`leaving ...`).
 """
 
 from __future__ import annotations
@@ -39,6 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-session-length", type=int, default=d["max_session_length_tokens"])
     p.add_argument("--max-tokens-per-step", type=int, default=d["max_tokens_per_step"])
     p.add_argument("--num-threads", type=int, help="torch CPU threads (default: all cores); use 1 when several peers share a machine")
+    p.add_argument("--drain-grace-s", type=float, default=d["drain_grace_s"],
+                   help="on SIGTERM or a drain notice: how long open sessions may go on before leaving")
+    p.add_argument("--drain-notice-file", metavar="PATH",
+                   help="start draining once this file exists (checked every second; spot-instance agents)")
+    p.add_argument("--drain-notice-url", metavar="URL",
+                   help="start draining once a GET of this URL answers 200 with a body (404 = no notice), "
+                   "e.g. http://169.254.169.254/latest/meta-data/spot/instance-action")
+    p.add_argument("--drain-notice-url-period-s", type=float, default=d["drain_notice_url_period_s"],
+                   help="how often to poll --drain-notice-url")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -50,17 +62,20 @@ def config_from_args(args: argparse.Namespace) -> PeerConfig:
         model_id=args.model_id, public_name=args.public_name, device=args.device, dtype=args.dtype,
         cache_tokens=args.cache_tokens, max_session_length_tokens=args.max_session_length,
         max_tokens_per_step=args.max_tokens_per_step, num_threads=args.num_threads,
+        drain_grace_s=args.drain_grace_s, drain_notice_file=args.drain_notice_file,
+        drain_notice_url=args.drain_notice_url, drain_notice_url_period_s=args.drain_notice_url_period_s,
     )
 
 
 async def serve(config: PeerConfig) -> None:
+    from peer.drain import DrainController
     from peer.server import PeerServer  # heavy imports (torch, transformers) after argument checks
 
     server = PeerServer(config)
-    stop = asyncio.Event()
+    drain = DrainController(server, config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, drain.on_signal, sig)
     try:
         await server.start()
         print(
@@ -68,8 +83,8 @@ async def serve(config: PeerConfig) -> None:
             f"addrs={','.join(server.addrs)}",
             flush=True,
         )
-        await stop.wait()
-        print("shutting down: announcing offline", flush=True)
+        reason = await drain.run()
+        print(f"leaving ({reason}): announcing offline", flush=True)
     finally:
         await server.shutdown()
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
+from swarm.errors import ConfigError
 from swarm.spans import Span
 
 
@@ -34,7 +36,29 @@ class PeerConfig:
     open_timeout_s: float = 30.0
     announce_period_s: float = 10.0
     record_ttl_s: float = 40.0
+    # leaving (peer.drain): SIGTERM or a notice starts draining; the peer leaves when its last session
+    # closes or drain_grace_s passes, whichever comes first
+    drain_grace_s: float = 30.0
+    drain_notice_file: str | None = None  # a file whose appearance is the notice (spot-instance agents)
+    drain_notice_url: str | None = None  # GET: 200 + body = notice, 404 = none (AWS spot/instance-action)
+    drain_notice_file_period_s: float = 1.0
+    drain_notice_url_period_s: float = 5.0
+    drain_notice_url_timeout_s: float = 2.0
     extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.drain_grace_s <= 24 * 3600:
+            raise ConfigError(f"drain grace {self.drain_grace_s} s is outside [0, 86400]")
+        for name in ("drain_notice_file_period_s", "drain_notice_url_period_s", "drain_notice_url_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.drain_notice_url is not None:
+            url = urlsplit(self.drain_notice_url)
+            if url.scheme not in ("http", "https") or not url.netloc:
+                raise ConfigError(
+                    f"drain notice URL {self.drain_notice_url!r} is not an http(s) URL; "
+                    "e.g. http://169.254.169.254/latest/meta-data/spot/instance-action"
+                )
 
     @property
     def limits(self) -> dict:

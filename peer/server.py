@@ -3,7 +3,8 @@
 Owns one event loop's worth of tasks: p2pd + DHT node (swarm.net), the inference and info handlers,
 the announcer heartbeat and the session expiry sweep. Compute runs on one worker thread so the event
 loop keeps serving the network while a step runs. Handlers are thin: parse (peer.requests), delegate
-(SessionManager, SpanModel), serialize (swarm.protocol).
+(SessionManager, SpanModel), serialize (swarm.protocol). States: joining -> online -> (draining ->)
+offline; peer.drain decides when to drain and when to leave, and tells this server by `begin_drain`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from swarm.errors import PeerRefused, ProtocolError
 from swarm.identity import Identity
 from swarm.net import NodeSettings, start_dht, start_p2p, visible_maddrs
 from swarm.protocol import (
+    ERROR_DRAINING,
+    ERROR_PROTOCOL,
+    ERROR_REFUSED,
     INFERENCE_HANDLER,
     INFO_HANDLER,
     PROTOCOL_MAJOR,
@@ -37,6 +41,7 @@ from swarm.spans import check_model_id, default_model_id
 
 from peer.announcer import Announcer
 from peer.config import PeerConfig
+from peer.drain import DrainingRefusal
 from peer.requests import message_type, parse_open, parse_step
 from peer.sessions import Session, SessionManager
 
@@ -66,7 +71,7 @@ class PeerServer:
         self.announcer: Announcer | None = None
         self.identity: Identity | None = None
         self.compute_tokens_s = 1.0
-        self.drain_deadline: float | None = None
+        self.drain_deadline: float | None = None  # unix time this peer leaves; set once draining starts
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self._tasks: list[asyncio.Task] = []
         self.addrs: list[str] = []
@@ -127,6 +132,12 @@ class PeerServer:
             await self.p2p.shutdown()
         self._compute.shutdown(wait=False, cancel_futures=True)
 
+    def begin_drain(self, deadline: float) -> None:
+        """From now on refuse new sessions (error code ERROR_DRAINING) and tell `deadline` (unix time) in
+        `info` and on every result; open sessions keep running. The caller (peer.drain) announces it."""
+        self.state = "draining"
+        self.drain_deadline = deadline
+
     def _measure_compute(self, tokens: int = 16, repeats: int = 3) -> float:
         """Decode-like throughput of one block, tokens/s: a few single-token steps on a scratch cache."""
         model = self.span_model
@@ -155,12 +166,17 @@ class PeerServer:
             "model_id": self.model_id,
             "span": [self.span.start, self.span.end],
             "state": self.state,
+            **self._drain_fields(),
             "dtype": dtype_name(self.dtype),
             "hidden_size": self.model_config.hidden_size,
             "limits": self.config.limits,
             "cache_tokens_left": self.sessions.cache_tokens_left if self.sessions else 0,
             "active_sessions": self.sessions.active if self.sessions else 0,
         }
+
+    def _drain_fields(self) -> dict:
+        """`drain_deadline` (unix time), present in `info` and results exactly while the peer drains."""
+        return {"drain_deadline": self.drain_deadline} if self.state == "draining" else {}
 
     async def _expire_sessions(self) -> None:
         while True:
@@ -176,7 +192,7 @@ class PeerServer:
             try:
                 await asyncio.wait_for(read_message(reader, 64 * 1024), timeout=self.config.open_timeout_s)
             except ProtocolError as e:  # answered like any bad message, so the client learns why
-                await self._send_fatal(reader, writer, "protocol", str(e))
+                await self._send_fatal(reader, writer, ERROR_PROTOCOL, str(e))
                 return
             await write_message(writer, self.info())
         except (asyncio.IncompleteReadError, TimeoutError, ConnectionError) as e:
@@ -208,13 +224,15 @@ class PeerServer:
             message = await asyncio.wait_for(read_message(reader, limit), timeout=self.config.open_timeout_s)
             if message_type(message) != "open":
                 raise ProtocolError("the first message of an inference stream must be 'open'")
+            if self.state == "draining":
+                raise DrainingRefusal(self.drain_deadline, time.time())
             if self.state != "online":
                 raise PeerRefused(f"peer is {self.state} and takes no new sessions")
             request = parse_open(message, self.model_id, self.span, self.config.max_session_length_tokens)
+            # no await between the state check and here: a drain cannot start in between
             session = self.sessions.open(client_id, request.blocks, request.batch_size, request.max_length)
         except (ProtocolError, PeerRefused) as e:
-            code = "refused" if isinstance(e, PeerRefused) else "protocol"
-            await self._send_fatal(reader, writer, code, str(e))
+            await self._send_fatal(reader, writer, _error_code(e), str(e))
             return None
         opened = {"type": "opened", "session": session.session_id, "dtype": dtype_name(self.dtype)}
         try:
@@ -241,7 +259,7 @@ class PeerServer:
                     read_message(reader, self.config.max_message_bytes), timeout=self.config.session_idle_timeout_s
                 )
             except ProtocolError as e:  # framing broken or oversized: the stream cannot be trusted further
-                await self._send_fatal(reader, writer, "protocol", str(e))
+                await self._send_fatal(reader, writer, ERROR_PROTOCOL, str(e))
                 return
             session.last_used_s = time.monotonic()
             try:
@@ -256,14 +274,22 @@ class PeerServer:
                     max_length=session.max_length, max_tokens_per_step=self.config.max_tokens_per_step,
                 )
             except ProtocolError as e:
-                await write_message(writer, error_message("protocol", str(e)))
+                await write_message(writer, error_message(ERROR_PROTOCOL, str(e)))
                 continue
             hidden = await loop.run_in_executor(self._compute, self._run_step, session, request)
-            await write_message(
-                writer,
-                {"type": "result", "step": request.step_id, "position": session.position, "hidden": pack_tensor(hidden)},
-            )
+            result = {
+                "type": "result", "step": request.step_id, "position": session.position,
+                "hidden": pack_tensor(hidden),
+            }
+            # in-band drain notice: the client learns it on this step, whatever the DHT says
+            await write_message(writer, {**result, **self._drain_fields()})
 
     def _run_step(self, session: Session, request) -> torch.Tensor:
         out = self.span_model(request.hidden, request.position_ids, request.valid, session.cache, session.blocks)
         return out.to("cpu")
+
+
+def _error_code(e: ProtocolError | PeerRefused) -> str:
+    if isinstance(e, DrainingRefusal):
+        return ERROR_DRAINING
+    return ERROR_REFUSED if isinstance(e, PeerRefused) else ERROR_PROTOCOL

@@ -3,10 +3,12 @@
 Mutates: its own table of sessions and the budget counter. Raises PeerRefused when a new session does
 not fit (budget, per-client limit, length limit); never evicts a running session to make room.
 Every session is released exactly once (close on stream end, crash of the stream, or idle expiry).
+`wait_empty()` lets a draining peer wait for its last session; open/close run on the event loop thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -40,6 +42,8 @@ class SessionManager:
         self._sessions: dict[int, Session] = {}
         self._ids = itertools.count(1)
         self.reserved_tokens = 0
+        self._empty = asyncio.Event()  # set exactly while no session is open
+        self._empty.set()
 
     @property
     def cache_tokens_left(self) -> int:
@@ -66,11 +70,18 @@ class SessionManager:
                           self._new_cache(batch_size, max_length), need)
         self._sessions[session.session_id] = session
         self.reserved_tokens += need
+        self._empty.clear()
         return session
 
     def close(self, session: Session | None) -> None:
         if session is not None and self._sessions.pop(session.session_id, None) is not None:
             self.reserved_tokens -= session.reserved_tokens
+            if not self._sessions:
+                self._empty.set()
+
+    async def wait_empty(self) -> None:
+        """Return once no session is open (at once if none is); bound it with a timeout."""
+        await self._empty.wait()
 
     def expired(self, now_s: float | None = None) -> list[Session]:
         now_s = time.monotonic() if now_s is None else now_s

@@ -8,6 +8,10 @@ above hivemind's 4 MiB cap travels in parts. Payload: a msgpack map. Tensors tra
 
 Every message from the network passes a strict decoder here before anything uses it; a failure raises
 ProtocolError naming the field, which the peer answers with an error message.
+
+Draining: a peer that is leaving refuses new sessions (error code ERROR_DRAINING, fatal), and every
+"result" it sends while draining carries "drain_deadline" (float, unix time it leaves), as does its
+"info"; older clients ignore the unknown field.
 """
 
 from __future__ import annotations
@@ -25,6 +29,11 @@ PROTOCOL_MAJOR = 1
 PROTOCOL_MINOR = 0
 INFERENCE_HANDLER = f"/swarm/v{PROTOCOL_MAJOR}/inference"
 INFO_HANDLER = f"/swarm/v{PROTOCOL_MAJOR}/info"
+
+# codes of {"type": "error"} replies
+ERROR_PROTOCOL = "protocol"  # the request failed the strict decoder; fix the sender
+ERROR_REFUSED = "refused"  # refused on purpose (limits, blocks not served); this peer will refuse it again
+ERROR_DRAINING = "draining"  # the peer is leaving soon and takes no new sessions; go to another peer
 
 FRAME_BYTES = 1 << 20  # parts of at most 1 MiB, well below hivemind's 4 MiB message cap
 _MORE = 1 << 31
