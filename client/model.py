@@ -22,6 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from swarm.errors import ConfigError, SessionError
 from swarm.runtime import load_client_head
+from swarm.runtime.loading import quiet_progress_bars
 from swarm.spans import check_model_id, default_model_id
 
 from client import loop
@@ -31,19 +32,6 @@ from client.session import InferenceSession, LatencyTable, SnapshotCache
 from client.transport import HivemindTransport
 
 logger = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def _quiet_progress_bars():
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
@@ -92,7 +80,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         client_config = client_config or ClientConfig(initial_peers=tuple(initial_peers), model_id=model_id)
         if initial_peers and not client_config.initial_peers:
             raise ConfigError("pass initial_peers either directly or in client_config, not both")
-        with _quiet_progress_bars():  # a client loads three small tensors; no bar needed
+        with quiet_progress_bars():  # a client loads three small tensors; no bar needed
             head = load_client_head(path, dtype=dtype, device=device)
         mid = check_model_id(model_id or client_config.model_id or default_model_id(str(path)))
         model = cls(head.config, head, client_config, mid)

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from swarm.errors import MissingBlocksError, PeerError, PeerRefused, ProtocolError, SessionError, SwarmError
+from swarm.errors import MissingBlocksError, PeerError, PeerRefused, ProtocolError, SessionError
 from swarm.protocol import (
     INFERENCE_HANDLER,
     INFO_HANDLER,
@@ -333,8 +333,15 @@ class InferenceSession:
         """Open hops covering blocks [start, end) and feed them `kept` inputs; retried within the policy."""
         config = self.model.client_config
         retry = config.recovery_policy.start()
+        refusals: dict[str, str] = {}
         while True:
-            route, addrs = await self._plan(start, end)
+            try:
+                route, addrs = await self._plan(start, end)
+            except MissingBlocksError as e:
+                if not refusals:
+                    raise
+                reasons = "; ".join(f"{peer[-6:]}: {reason}" for peer, reason in refusals.items())
+                raise SessionError(f"no peer for blocks {e.missing} would take this session ({reasons})") from e
             hops: list[HopState] = []
             try:
                 hops = await self._open(route, addrs)
@@ -345,6 +352,8 @@ class InferenceSession:
                 peer = blame(failed.peer_id if failed else getattr(e, "peer", "") or "", e)
                 if peer:
                     self.model.bans.ban(peer, str(e))
+                    if isinstance(e, PeerRefused):
+                        refusals[peer] = str(e)
                 for hop in hops:
                     asyncio.create_task(hop.stream.close())
                 delay = retry.next_delay()

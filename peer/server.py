@@ -144,7 +144,7 @@ class PeerServer:
         hidden = torch.zeros(tokens, 1, self.model_config.hidden_size)
         valid = torch.ones(tokens, 1, dtype=torch.bool)
         best = float("inf")
-        for i in range(repeats):
+        for _ in range(repeats):
             cache = model.new_cache(tokens, 1)
             start = time.perf_counter()
             model(hidden, torch.zeros(tokens, 1, dtype=torch.long), valid, cache, (self.span.start, self.span.start + 1))

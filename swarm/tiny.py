@@ -25,7 +25,6 @@ Contracts:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -34,12 +33,12 @@ import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from swarm.errors import ConfigError
+from swarm.runtime.loading import quiet_progress_bars
 
 # Families whose tiny model we can build, by transformers `model_type`.
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "qwen2_moe")
@@ -327,20 +326,6 @@ def read_spec(out_dir: str | Path) -> TinySpec | None:
         return None
 
 
-@contextlib.contextmanager
-def _quiet_progress_bars() -> Iterator[None]:
-    """Hide transformers' 'Writing model shards' bar for the duration; restore the caller's setting."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
 def _check_replaceable(out_dir: Path) -> None:
     """Raise ConfigError unless `out_dir` is absent, empty or an earlier tiny model: never clobber others."""
     if not out_dir.exists():
@@ -352,7 +337,7 @@ def _check_replaceable(out_dir: Path) -> None:
 
 
 def _write(model, tokenizer, spec: TinySpec, out_dir: Path) -> None:
-    with _quiet_progress_bars():
+    with quiet_progress_bars():
         model.save_pretrained(out_dir, max_shard_size=_shard_size_bytes(model, spec.num_shards))
     tokenizer.save_pretrained(out_dir)
     (out_dir / RECIPE_FILE).write_text(json.dumps(dataclasses.asdict(spec), indent=2) + "\n")

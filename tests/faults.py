@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 import signal
-import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -57,6 +56,7 @@ class FamilySwarm:
         self.swarm = LocalSwarm(self.model_path)
         self.extra = ["--drain-grace-s", str(drain_grace_s)]
         self.by_span = {}
+        self.pending = []  # (span, process) restarts not yet waited for
         for span, proc in zip(SPANS, self.swarm.start_peers(SPANS, extra=self.extra), strict=True):
             self.by_span[span] = proc
             proc.fault = None
@@ -66,30 +66,30 @@ class FamilySwarm:
         )
         self.local = AutoModelForCausalLM.from_pretrained(self.model_path).eval()
 
+    def _all(self):
+        return list(self.by_span.items()) + self.pending
+
     def proc_of(self, peer_id: str):
-        return next(p for p in self.by_span.values() if getattr(p, "ready_line", "").find(peer_id) >= 0)
+        return next((p for _, p in self._all() if peer_id in (getattr(p, "ready_line", "") or "")), None)
 
     def span_of(self, proc) -> str:
-        return next(s for s, p in self.by_span.items() if p is proc)
+        return next(s for s, p in self._all() if p is proc)
 
     def heal(self) -> None:
-        """Resume stopped peers; restart those that exited; wait until all are ready again."""
-        restarted = []
+        """Resume stopped peers and restart exited ones without waiting for them (a route that needs a
+        restarting peer waits for it, as a real client would); restarts from the previous heal are
+        waited for first, so at most one round of restarts is pending."""
+        for span, proc in self.pending:
+            self.swarm.wait_ready(proc)
+            proc.fault = None
+            self.by_span[span] = proc
+        self.pending = []
         for span, proc in list(self.by_span.items()):
             proc.kill(signal.SIGCONT)
-            if proc.popen.poll() is None and proc.fault == "term":
-                try:
-                    proc.popen.wait(30)  # a draining peer leaves once our session moved off it
-                except subprocess.TimeoutExpired:
-                    proc.kill(signal.SIGKILL)
-                    proc.popen.wait()
-            if proc.popen.poll() is not None:
-                restarted.append((span, self.swarm.start_peer(span, extra=self.extra, wait=False)))
-        for span, proc in restarted:
-            self.swarm.wait_ready(proc)
-            self.by_span[span] = proc
-        for proc in self.by_span.values():
-            proc.fault = None
+            if proc.popen.poll() is not None:  # killed, or drained and gone; a draining one is taken next time
+                self.pending.append((span, self.swarm.start_peer(span, extra=self.extra, wait=False)))
+            elif proc.fault != "term":
+                proc.fault = None
 
     def close(self) -> None:
         try:
@@ -131,6 +131,8 @@ def run_trial(fs: FamilySwarm, family: str, rng: random.Random, prompt, new_toke
             return
         hop = route[int(choice * len(route))]
         proc = fs.proc_of(hop.peer_id)
+        if proc is None:  # a restarted peer not yet waited for; leave this trial without a fault
+            return
         trial.target_span = fs.span_of(proc)
         proc.fault = fault
         proc.kill(SIGNALS[fault])
