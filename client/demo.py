@@ -29,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="The swarm of volunteers")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--keep-running", action="store_true", help="keep the swarm up after the reply, until Ctrl-C")
+    p.add_argument("--spares", type=int, default=1,
+                   help="twin peers for the spans (the middle one first), ready to replace a peer that dies")
+    p.add_argument("--kill-peer-at", type=int, metavar="K",
+                   help="kill -9 the route's middle peer after K tokens, to watch the reply finish anyway")
     return p
 
 
@@ -72,12 +76,13 @@ def run_demo(args: argparse.Namespace) -> None:
     started = time.monotonic()
     with LocalSwarm(str(model_path)) as swarm:
         print(f"bootstrap: {swarm.initial_peers[0]}", flush=True)
-        print(f"starting 3 peers: {', '.join(spans)} ...", flush=True)
-        peers = swarm.start_peers(spans)
+        print(f"starting 3 peers ({', '.join(spans)}) and {args.spares} spare(s) ...", flush=True)
+        spares = [spans[(1 + i) % 3] for i in range(args.spares)]  # twins: the middle span first
+        peers = swarm.start_peers(spans + spares)
         print(f"swarm ready in {time.monotonic() - started:.1f} s", flush=True)
         for proc in peers:
             print(f"  {proc.ready_line.strip()}", flush=True)
-        _generate(args, model_path, swarm.initial_peers, ClientConfig, DistributedModelForCausalLM,
+        _generate(args, model_path, swarm, peers, ClientConfig, DistributedModelForCausalLM,
                   AutoTokenizer, TextStreamer)
         _print_join_help(model_path, swarm.initial_peers[0])
         if args.keep_running:
@@ -88,16 +93,26 @@ def run_demo(args: argparse.Namespace) -> None:
     print("swarm stopped", flush=True)
 
 
-def _generate(args, model_path, initial_peers, ClientConfig, DistributedModelForCausalLM, AutoTokenizer, TextStreamer):
+def _generate(args, model_path, swarm, peers, ClientConfig, DistributedModelForCausalLM, AutoTokenizer,
+              TextStreamer):
+    import signal
+
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = DistributedModelForCausalLM.from_pretrained(
-        model_path, client_config=ClientConfig(initial_peers=tuple(initial_peers))
+        model_path, client_config=ClientConfig(initial_peers=tuple(swarm.initial_peers), step_timeout_s=5)
     )
+
+    def kill_a_route_peer():
+        hop = model.active_session.route[len(model.active_session.route) // 2]
+        proc = next(p for p in peers if hop.peer_id in p.ready_line)
+        proc.kill(signal.SIGKILL)
+        print(f" [kill -9 peer {hop.peer_id[:8]}.. serving {hop.span}] ", end="", flush=True)
+
     try:
         inputs = tokenizer(args.prompt, return_tensors="pt")
         with model.inference_session(max_length=inputs.input_ids.shape[1] + args.max_new_tokens) as session:
             print(f"\nprompt: {args.prompt}\nreply:  ", end="", flush=True)
-            streamer = _TimedStreamer(TextStreamer, tokenizer)
+            streamer = _TimedStreamer(TextStreamer, tokenizer, args.kill_peer_at, kill_a_route_peer)
             out = model.generate(
                 **inputs, max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=None,
                 pad_token_id=tokenizer.pad_token_id, streamer=streamer,
@@ -105,15 +120,15 @@ def _generate(args, model_path, initial_peers, ClientConfig, DistributedModelFor
             route = " -> ".join(f"{hop.peer_id[:8]}..{hop.peer_id[-4:]} [{hop.span}]" for hop in session.route)
         new_tokens = out.shape[1] - inputs.input_ids.shape[1]
         first, last = streamer.times[1], streamer.times[-1]  # times[0] is the prompt itself
-        print(f"route: {route}")
+        print(f"route: {route}" + (f" (after {session.recoveries} recovery)" if session.recoveries else ""))
         print(f"{new_tokens} tokens: first after {first - streamer.times[0]:.2f} s (route setup and prefill), "
               f"then {(new_tokens - 1) / max(last - first, 1e-9):.1f} tokens/s")
     finally:
         model.shutdown()
 
 
-def _TimedStreamer(TextStreamer, tokenizer):
-    """A TextStreamer that also records when each chunk of tokens arrived."""
+def _TimedStreamer(TextStreamer, tokenizer, act_after: int | None, action):
+    """A TextStreamer that also records when each chunk of tokens arrived, and can act after token K."""
 
     class TimedStreamer(TextStreamer):
         def __init__(self):
@@ -123,6 +138,8 @@ def _TimedStreamer(TextStreamer, tokenizer):
         def put(self, value):
             self.times.append(time.perf_counter())
             super().put(value)
+            if act_after is not None and len(self.times) == act_after + 1:  # times[0] is the prompt
+                action()
 
     return TimedStreamer()
 
