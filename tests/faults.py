@@ -62,7 +62,8 @@ class FamilySwarm:
             proc.fault = None
         self.client = DistributedModelForCausalLM.from_pretrained(
             self.model_path,
-            client_config=ClientConfig(initial_peers=tuple(self.swarm.initial_peers), step_timeout_s=step_timeout_s),
+            client_config=ClientConfig(initial_peers=tuple(self.swarm.initial_peers), step_timeout_s=step_timeout_s,
+                                       wait_for_route_s=60),
         )
         self.local = AutoModelForCausalLM.from_pretrained(self.model_path).eval()
 
@@ -75,15 +76,17 @@ class FamilySwarm:
     def span_of(self, proc) -> str:
         return next(s for s, p in self._all() if p is proc)
 
-    def heal(self) -> None:
-        """Resume stopped peers and restart exited ones without waiting for them (a route that needs a
-        restarting peer waits for it, as a real client would); restarts from the previous heal are
-        waited for first, so at most one round of restarts is pending."""
+    def wait_restarts(self) -> None:
+        """Before a trial: every restarted peer is ready, so each block has spares again."""
         for span, proc in self.pending:
             self.swarm.wait_ready(proc)
             proc.fault = None
             self.by_span[span] = proc
         self.pending = []
+
+    def heal(self) -> None:
+        """After a trial: resume stopped peers, start replacements for exited ones (waited for by the
+        next trial, so their start-up overlaps the bookkeeping in between)."""
         for span, proc in list(self.by_span.items()):
             proc.kill(signal.SIGCONT)
             if proc.popen.poll() is not None:  # killed, or drained and gone; a draining one is taken next time
@@ -117,6 +120,7 @@ def run_trial(fs: FamilySwarm, family: str, rng: random.Random, prompt, new_toke
     expected = fs.local.generate(prompt, **kwargs)
     trial = Trial(family, fault, "")
     client = fs.client
+    fs.wait_restarts()
 
     choice = rng.random()
 

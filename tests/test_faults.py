@@ -13,6 +13,7 @@ pytestmark = pytest.mark.slow
 TRIALS_PER_FAMILY = 6  # 5 families -> 30 trials
 
 
+@pytest.mark.timeout(1800)  # 30 trials with peer restarts: several minutes on 2 cores
 def test_fault_campaign_every_output_equals_reference(tiny_model_path):
     paths = {family: tiny_model_path(family) for family in FAMILIES}
     campaign = run_campaign(paths, TRIALS_PER_FAMILY, seed=20261125)
