@@ -61,7 +61,7 @@ def config_from_args(args: argparse.Namespace) -> PeerConfig:
         host=args.host, port=args.port, announce_maddrs=tuple(args.announce_maddrs), identity_path=args.identity,
         model_id=args.model_id, public_name=args.public_name, device=args.device, dtype=args.dtype,
         cache_tokens=args.cache_tokens, max_session_length_tokens=args.max_session_length,
-        max_tokens_per_step=args.max_tokens_per_step, num_threads=args.num_threads,
+        max_tokens_per_step=args.max_tokens_per_step, num_threads=args.num_threads, progress=True,
         drain_grace_s=args.drain_grace_s, drain_notice_file=args.drain_notice_file,
         drain_notice_url=args.drain_notice_url, drain_notice_url_period_s=args.drain_notice_url_period_s,
     )
@@ -71,7 +71,7 @@ async def serve(config: PeerConfig) -> None:
     from peer.drain import DrainController
     from peer.server import PeerServer  # heavy imports (torch, transformers) after argument checks
 
-    server = PeerServer(config)
+    server = PeerServer(config, say=lambda line: print(line, flush=True))
     drain = DrainController(server, config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

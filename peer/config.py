@@ -23,6 +23,7 @@ class PeerConfig:
     device: str = "cpu"
     dtype: str | None = None  # default: float32 on CPU, bfloat16 on CUDA
     attn_implementation: str = "sdpa"
+    progress: bool = False  # progress bars while loading (the CLI turns them on)
     num_threads: int | None = None  # torch CPU threads; None = torch's default (all cores)
     # limits, enforced and announced in `info`
     cache_tokens: int = 65536  # KV budget, counted in cached tokens x rows over the whole span

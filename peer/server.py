@@ -36,11 +36,12 @@ from swarm.protocol import (
     write_message,
 )
 from swarm.runtime import SpanModel, load_span
-from swarm.runtime.loading import dtype_name, load_config, parse_dtype
+from swarm.runtime.loading import dtype_name, load_config, parse_dtype, span_memory
 from swarm.spans import check_model_id, default_model_id
 
 from peer.announcer import Announcer
 from peer.config import PeerConfig
+from peer.memory import check_fits, describe, free_bytes
 from peer.drain import DrainingRefusal
 from peer.requests import message_type, parse_open, parse_step
 from peer.sessions import Session, SessionManager
@@ -56,8 +57,9 @@ async def _discard(reader: asyncio.StreamReader) -> None:
 
 
 class PeerServer:
-    def __init__(self, config: PeerConfig):
+    def __init__(self, config: PeerConfig, say=None):
         self.config = config
+        self.say = say or (lambda line: logger.info("%s", line))  # the CLI prints these lines
         self.model_id = check_model_id(config.model_id) if config.model_id else default_model_id(config.model_path)
         default_dtype = "bfloat16" if config.device.startswith("cuda") else "float32"
         self.dtype = parse_dtype(config.dtype or default_dtype)
@@ -83,11 +85,15 @@ class PeerServer:
         loop = asyncio.get_running_loop()
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
+        memory = span_memory(self.config.model_path, self.span, self.dtype)
+        free = free_bytes(self.config.device)
+        self.say(f"loading {self.model_id}: {describe(memory, self.span, self.config.cache_tokens, self.config.device, free)}")
+        check_fits(memory, self.span, self.config.cache_tokens, self.config.device, free)
         loaded = await loop.run_in_executor(
             self._compute,
             lambda: load_span(
                 self.config.model_path, self.span, dtype=self.dtype, device=self.config.device,
-                attn_implementation=self.config.attn_implementation,
+                attn_implementation=self.config.attn_implementation, progress=self.config.progress,
             ),
         )
         self.span_model = SpanModel(loaded)

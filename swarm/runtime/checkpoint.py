@@ -8,6 +8,7 @@ reads the tensors of block 5 (`keys_read` records what was read, for tests and a
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from tqdm.auto import tqdm
 
 from swarm.errors import ConfigError
 
@@ -55,18 +57,36 @@ class CheckpointReader:
     def keys(self, select: Callable[[str], bool]) -> list[str]:
         return sorted(k for k in self.key_to_file if select(k))
 
-    def read(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
-        """Read exactly these keys (on CPU, checkpoint dtype), opening each needed shard once."""
+    def _by_file(self, keys: Iterable[str]) -> list[tuple[Path, list[str]]]:
         by_file: dict[str, list[str]] = defaultdict(list)
         for key in keys:
             by_file[self.key_to_file[key]].append(key)
-        out: dict[str, torch.Tensor] = {}
+        out = []
         for file, file_keys in sorted(by_file.items()):
             path = self.folder / file
             if not path.is_file():
                 raise ConfigError(f"{path}: shard listed in the index is missing; the checkpoint is incomplete")
+            out.append((path, file_keys))
+        return out
+
+    def numel(self, keys: Iterable[str]) -> int:
+        """Elements in these tensors, from the shards' headers only (no tensor data is read)."""
+        total = 0
+        for path, file_keys in self._by_file(keys):
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for key in file_keys:
-                    out[key] = f.get_tensor(key)
-                    self.keys_read.append(key)
+                    total += math.prod(f.get_slice(key).get_shape())
+        return total
+
+    def read(self, keys: Iterable[str], *, progress: bool = False) -> dict[str, torch.Tensor]:
+        """Read exactly these keys (on CPU, checkpoint dtype), opening each needed shard once."""
+        keys = list(keys)
+        out: dict[str, torch.Tensor] = {}
+        with tqdm(total=len(keys), desc="Reading tensors", unit="tensor", disable=not progress) as bar:
+            for path, file_keys in self._by_file(keys):
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    for key in file_keys:
+                        out[key] = f.get_tensor(key)
+                        self.keys_read.append(key)
+                        bar.update()
         return out

@@ -127,6 +127,30 @@ class LoadedSpan:
     keys_read: list[str]
 
 
+@dataclass(frozen=True)
+class SpanMemory:
+    """What serving a span will take, known before anything is loaded."""
+
+    weights_bytes: int
+    kv_bytes_per_token: int  # one cached token (one row) across the whole span
+
+    def kv_bytes(self, tokens: int) -> int:
+        return tokens * self.kv_bytes_per_token
+
+
+def span_memory(path: str | Path, span: Span, dtype: torch.dtype) -> SpanMemory:
+    """Weights of the span in `dtype` (from checkpoint headers) and KV cache bytes per cached token."""
+    config = load_config(path)
+    if span.end > config.num_hidden_layers:
+        raise ConfigError(f"span {span}: the model has only {config.num_hidden_layers} blocks")
+    reader = CheckpointReader(path)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    weights = reader.numel(reader.keys(lambda k: block_of_key(k) in span)) * itemsize
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return SpanMemory(weights, 2 * kv_heads * head_dim * itemsize * span.length)
+
+
 def load_span(
     path: str | Path,
     span: Span,
@@ -134,6 +158,7 @@ def load_span(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
+    progress: bool = False,
 ) -> LoadedSpan:
     """Load blocks [span.start, span.end) of a checkpoint; reads no other block's tensors."""
     device = torch.device(device)
@@ -142,7 +167,7 @@ def load_span(
         raise ConfigError(f"span {span}: the model has only {config.num_hidden_layers} blocks")
     reader = CheckpointReader(path)
     keys = reader.keys(lambda k: block_of_key(k) in span)
-    raw = reader.read(keys)
+    raw = reader.read(keys, progress=progress)
     hashes = [tensors_hash({k: v for k, v in raw.items() if block_of_key(k) == b}) for b in range(span.start, span.end)]
     model = _meta_model(config, dtype)
     _convert_and_load(model, raw, dtype, device)
