@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--identity", help="identity file; created if missing, a restart with it is the same peer")
     p.add_argument("--model-id", help="name announced for the model (default: the checkpoint folder's name)")
     p.add_argument("--public-name", default="", help="a name shown on the health page")
+    p.add_argument("--health-url", help="the swarm's health page (http://host:port); checks reachability at start")
     p.add_argument("--device", default=d["device"], help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--cache-tokens", type=int, default=d["cache_tokens"], help="KV cache budget in token slots")
@@ -59,11 +60,20 @@ def config_from_args(args: argparse.Namespace) -> PeerConfig:
     return PeerConfig(
         model_path=args.model, span=Span.parse(args.blocks), initial_peers=tuple(args.initial_peers),
         host=args.host, port=args.port, announce_maddrs=tuple(args.announce_maddrs), identity_path=args.identity,
-        model_id=args.model_id, public_name=args.public_name, device=args.device, dtype=args.dtype,
+        model_id=args.model_id, public_name=args.public_name, health_url=args.health_url, device=args.device, dtype=args.dtype,
         cache_tokens=args.cache_tokens, max_session_length_tokens=args.max_session_length,
         max_tokens_per_step=args.max_tokens_per_step, num_threads=args.num_threads, progress=True,
         drain_grace_s=args.drain_grace_s, drain_notice_file=args.drain_notice_file,
         drain_notice_url=args.drain_notice_url, drain_notice_url_period_s=args.drain_notice_url_period_s,
+    )
+
+
+def status_line(server, config: PeerConfig) -> str:
+    """The one-line status a volunteer sees once the peer is online."""
+    link = f"; health page: {config.health_url.rstrip('/')}/#peer-{server.peer_id}" if config.health_url else ""
+    return (
+        f"online: serving blocks {config.span} of {server.model_id} on {config.device} "
+        f"({server.compute_tokens_s:.0f} tokens/s per block, {server.sessions.cache_tokens_left} cache slots){link}"
     )
 
 
@@ -83,6 +93,11 @@ async def serve(config: PeerConfig) -> None:
             f"addrs={','.join(server.addrs)}",
             flush=True,
         )
+        print(status_line(server, config), flush=True)
+        if config.health_url:
+            from peer.reachability import check
+
+            print(await check(config.health_url, server.peer_id, server.addrs), flush=True)
         reason = await drain.run()
         print(f"leaving ({reason}): announcing offline", flush=True)
     finally:

@@ -20,6 +20,7 @@ class PeerConfig:
     identity_path: str | None = None
     model_id: str | None = None  # default: the checkpoint folder's name
     public_name: str = ""
+    health_url: str | None = None  # the swarm's health page; the peer links to it and asks it for reachability
     device: str = "cpu"
     dtype: str | None = None  # default: float32 on CPU, bfloat16 on CUDA
     attn_implementation: str = "sdpa"
