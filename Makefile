@@ -11,11 +11,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-.PHONY: demo test venv
+.PHONY: demo test venv browser
 venv: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/swarm demo
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed browser
 	$(PY) -m pytest
+
+# Debian's chromium and its driver, for the health page's headless browser test
+browser:
+	@command -v chromedriver >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null)

@@ -103,16 +103,17 @@ class ClientProbe:
     def __enter__(self) -> ClientProbe:
         import client.model
         import client.session
+        import client.stream
         import swarm.protocol
 
-        s, p = client.session, self._patches
+        s, st, p = client.session, client.stream, self._patches
         p.set(swarm.protocol, "msgpack", _TimedMsgpack(
             lambda dt: _packed(self._hop, dt), lambda dt: _add(self._hop, "msgpack_unpack_s", dt)
         ))
-        p.set(s, "pack_tensor", self._timed(s.pack_tensor, "pack_tensor_s"))
-        p.set(s, "unpack_tensor", self._timed(s.unpack_tensor, "unpack_tensor_s"))
-        p.set(s, "read_message", self._read(s.read_message))
-        p.set(s.SpanStream, "step", self._span_step(s.SpanStream.step))
+        p.set(st, "pack_tensor", self._timed(st.pack_tensor, "pack_tensor_s"))
+        p.set(st, "unpack_tensor", self._timed(st.unpack_tensor, "unpack_tensor_s"))
+        p.set(st, "read_message", self._read(st.read_message))
+        p.set(st.SpanStream, "step", self._span_step(st.SpanStream.step))
         p.set(s.InferenceSession, "step", self._sync_span(s.InferenceSession.step, self.session_steps))
         p.set(s.InferenceSession, "_step", self._async_span(s.InferenceSession._step, self.loop_steps))
         model_cls = client.model.DistributedModelForCausalLM

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from swarm.errors import ConfigError
-
 from client.policies import BanPolicy, RetryPolicy
 from client.routing import CostModel
+from swarm.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -20,16 +20,16 @@ from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from client import loop
+from client.config import ClientConfig
+from client.policies import BanList
+from client.session import InferenceSession
+from client.swarmview import LatencyTable, SnapshotCache
+from client.transport import HivemindTransport
 from swarm.errors import ConfigError, SessionError
 from swarm.runtime import load_client_head
 from swarm.runtime.loading import quiet_progress_bars
 from swarm.spans import check_model_id, default_model_id
-
-from client import loop
-from client.config import ClientConfig
-from client.policies import BanList
-from client.session import InferenceSession, LatencyTable, SnapshotCache
-from client.transport import HivemindTransport
 
 logger = logging.getLogger(__name__)
 

@@ -14,180 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 import torch
 
-from swarm.errors import MissingBlocksError, PeerError, PeerRefused, ProtocolError, SessionError
-from swarm.protocol import (
-    INFERENCE_HANDLER,
-    INFO_HANDLER,
-    PROTOCOL_MINOR,
-    pack_tensor,
-    read_message,
-    require,
-    WIRE_DTYPES,
-    unpack_tensor,
-    write_message,
-)
-from swarm.spans import Span
-
 from client import loop
 from client.policies import blame
-from client.routing import Candidate, Hop, plan_route
+from client.routing import Hop, plan_route
+from client.stream import SpanStream
+from client.swarmview import candidates_from_snapshot
+from swarm.errors import MissingBlocksError, PeerError, PeerRefused, SessionError
+from swarm.spans import Span
 
 logger = logging.getLogger(__name__)
-
-REPLY_MAX_BYTES = 1 << 30
-
-
-class SpanStream:
-    """One open inference stream to one peer for blocks [hop.span.start, hop.span.end)."""
-
-    def __init__(self, hop: Hop, reader, writer, dtype: torch.dtype, config):
-        self.hop = hop
-        self.reader, self.writer = reader, writer
-        self.dtype = dtype
-        self.config = config
-        self.steps = 0
-        self.drain_deadline: float | None = None  # set when the peer says in-band that it is leaving
-
-    @classmethod
-    async def open(cls, transport, hop: Hop, addrs, model_id: str, batch_size: int, max_length: int, config):
-        reader, writer = await transport.open_stream(hop.peer_id, addrs, INFERENCE_HANDLER, config.connect_timeout_s)
-        try:
-            await write_message(writer, {
-                "type": "open", "minor": PROTOCOL_MINOR, "model_id": model_id,
-                "blocks": [hop.span.start, hop.span.end], "batch_size": batch_size, "max_length": max_length,
-            })
-            reply = await cls._reply(reader, hop, config.connect_timeout_s)
-            dtype = reply.get("dtype")
-            if reply.get("type") != "opened" or dtype not in WIRE_DTYPES:
-                raise PeerError(f"bad answer to open: type {reply.get('type')!r}, dtype {dtype!r}", peer=hop.peer_id)
-        except BaseException:
-            writer.close()
-            raise
-        return cls(hop, reader, writer, WIRE_DTYPES[dtype], config)
-
-    @staticmethod
-    async def _reply(reader, hop: Hop, timeout_s: float) -> dict:
-        try:
-            reply = await asyncio.wait_for(read_message(reader, REPLY_MAX_BYTES), timeout=timeout_s)
-        except TimeoutError:
-            raise PeerError(f"no reply within {timeout_s} s", peer=hop.peer_id) from None
-        except (asyncio.IncompleteReadError, ConnectionError) as e:
-            raise PeerError(f"stream closed: {e!r}", peer=hop.peer_id) from None
-        except ProtocolError as e:
-            raise PeerError(f"malformed reply: {e}", peer=hop.peer_id) from None
-        if reply.get("type") == "error":
-            text = f"peer error ({reply.get('code')}): {reply.get('message')}"
-            raise PeerRefused(text, peer=hop.peer_id)
-        return reply
-
-    async def step(self, hidden, position_ids, valid, position: int) -> torch.Tensor:
-        """Send one step; return the peer's output hidden states ([batch, new, hidden], our dtype)."""
-        await write_message(self.writer, {
-            "type": "step", "minor": PROTOCOL_MINOR, "step": self.steps, "position": position,
-            "hidden": pack_tensor(hidden.to(self.dtype)), "position_ids": pack_tensor(position_ids),
-            "valid": pack_tensor(valid),
-        })
-        tokens = hidden.shape[0] * hidden.shape[1]
-        timeout_s = self.config.step_timeout_s + tokens * self.config.step_timeout_per_token_s
-        reply = await self._reply(self.reader, self.hop, timeout_s)
-        try:
-            out = unpack_tensor(reply.get("hidden"), "hidden", rank=3)
-            deadline = reply.get("drain_deadline")
-            if deadline is not None:
-                self.drain_deadline = float(require(deadline, float, "drain_deadline"))
-        except ProtocolError as e:
-            raise PeerError(f"malformed result: {e}", peer=self.hop.peer_id) from None
-        if out.dtype != self.dtype or out.shape != hidden.shape or not torch.isfinite(out).all():
-            raise PeerError(f"result of shape {list(out.shape)} (expected {list(hidden.shape)}) or not finite",
-                            peer=self.hop.peer_id)
-        self.steps += 1
-        return out
-
-    async def close(self) -> None:
-        """Say goodbye if the stream still works; never waits more than a second (a hung peer)."""
-        try:
-            await asyncio.wait_for(write_message(self.writer, {"type": "close"}), timeout=1)
-        except (TimeoutError, ConnectionError, RuntimeError):
-            pass
-        finally:
-            self.writer.close()
-
-
-def candidates_from_snapshot(
-    snapshot: dict, latencies: dict[str, float] | None = None
-) -> tuple[list[Candidate], dict[str, list[str]]]:
-    """Routing candidates and dial addresses from a DHT snapshot {block: {peer_id: BlockRecord}}.
-
-    `latencies` holds measured round trips (s) by peer id; peers missing from it get the planner's guess.
-    """
-    latencies = latencies or {}
-    seen: dict[str, object] = {}
-    for block_records in snapshot.values():
-        for peer_id, record in block_records.items():
-            seen.setdefault(peer_id, record)
-    candidates, addrs = [], {}
-    for peer_id, r in sorted(seen.items()):
-        candidates.append(Candidate(
-            peer_id=peer_id, span=Span(r.start, r.end), state=r.state,
-            compute_tokens_s=max(r.compute_tokens_s, 1e-3), latency_s=latencies.get(peer_id),
-            active_sessions=r.active_sessions,
-            queued_tokens=r.queued_tokens, cache_tokens_left=r.cache_tokens_left,
-        ))
-        addrs[peer_id] = list(r.addrs)
-    return candidates, addrs
-
-
-class SnapshotCache:
-    """The last DHT snapshot of the model's blocks, reused for `max_age_s` (routing and recovery)."""
-
-    def __init__(self, max_age_s: float = 30.0, clock=time.monotonic):
-        self.max_age_s = max_age_s
-        self.clock = clock
-        self._value: tuple[float, dict] | None = None
-
-    def get(self) -> dict | None:
-        if self._value is None or self.clock() - self._value[0] > self.max_age_s:
-            return None
-        return self._value[1]
-
-    def put(self, snapshot: dict) -> None:
-        self._value = (self.clock(), snapshot)
-
-
-class LatencyTable:
-    """Measured round trips to peers (an `info` request), reused for `max_age_s` before measuring again."""
-
-    def __init__(self, max_age_s: float = 60.0, clock=time.monotonic):
-        self.max_age_s = max_age_s
-        self.clock = clock
-        self._rtt: dict[str, tuple[float, float]] = {}  # peer id -> (seconds, measured at)
-
-    def known(self) -> dict[str, float]:
-        return {peer: rtt for peer, (rtt, _) in self._rtt.items()}
-
-    def stale(self, peers) -> list[str]:
-        now = self.clock()
-        return [p for p in peers if p not in self._rtt or now - self._rtt[p][1] > self.max_age_s]
-
-    async def measure(self, transport, addrs: dict[str, list[str]], timeout_s: float) -> None:
-        """Ping every stale peer concurrently; an unreachable peer is recorded with the timeout as its RTT."""
-        peers = self.stale(addrs)
-
-        async def ping(peer_id: str) -> None:
-            started = self.clock()
-            try:
-                await transport.request(peer_id, addrs[peer_id], INFO_HANDLER, {"type": "info"}, timeout_s)
-                rtt = self.clock() - started
-            except (PeerError, ProtocolError) as e:
-                logger.info("peer %s did not answer info: %s", peer_id, e)
-                rtt = timeout_s
-            self._rtt[peer_id] = (rtt, self.clock())
-
-        await asyncio.gather(*(ping(p) for p in peers))
 
 
 class HopState:

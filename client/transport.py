@@ -14,8 +14,8 @@ from typing import Protocol
 from hivemind.p2p import PeerID
 
 from swarm import records
-from swarm.identity import Identity
 from swarm.errors import PeerError, PeerRefused, VersionMismatch
+from swarm.identity import Identity
 from swarm.net import NodeSettings, connect, start_dht, start_p2p
 from swarm.protocol import INFO_HANDLER, read_message, write_message
 
