@@ -43,11 +43,12 @@ class BanPolicy:
     """How long a failed peer is avoided.
 
     The n-th consecutive failure of one peer bans it for min(cap_s, base_s * 2 ** (n - 1)) seconds:
-    5, 10, 20, ... 300 s with the defaults. Raises ConfigError unless 0 < base_s <= cap_s < inf.
+    30, 60, 120, ... 600 s with the defaults (longer than a dead peer's
+    DHT record lives, so recovery does not pick it again). Raises ConfigError unless 0 < base_s <= cap_s < inf.
     """
 
-    base_s: float = 5.0
-    cap_s: float = 300.0
+    base_s: float = 30.0
+    cap_s: float = 600.0
 
     def __post_init__(self) -> None:
         _finite_at_least("BanPolicy.base_s", self.base_s, 0.0)

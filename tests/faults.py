@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import signal
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -77,7 +78,16 @@ class FamilySwarm:
         return next(s for s, p in self._all() if p is proc)
 
     def wait_restarts(self) -> None:
-        """Before a trial: every restarted peer is ready, so each block has spares again."""
+        """Before a trial: drained peers are gone and replaced, every restarted peer is ready, so each
+        block has its three peers again."""
+        for span, proc in list(self.by_span.items()):
+            if proc.fault == "term" and proc.popen.poll() is None:
+                try:
+                    proc.popen.wait(60)  # it leaves once no session is left on it
+                except subprocess.TimeoutExpired:
+                    proc.kill(signal.SIGKILL)
+                    proc.popen.wait()
+                self.pending.append((span, self.swarm.start_peer(span, extra=self.extra, wait=False)))
         for span, proc in self.pending:
             self.swarm.wait_ready(proc)
             proc.fault = None

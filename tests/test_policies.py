@@ -56,11 +56,11 @@ def test_ban_backoff_doubles_per_consecutive_failure_up_to_the_cap(clock):
     assert bans.failures("A") == 6
 
 
-def test_default_policy_is_5_s_doubling_to_300_s(clock):
+def test_default_policy_is_30_s_doubling_to_600_s(clock):
     bans = BanList(clock=clock)
     durations = fail_and_expire(bans, clock, "A", 9)
-    assert durations[:3] == [5, 10, 20]
-    assert durations[-1] == 300 and max(durations) == 300
+    assert durations[:3] == [30, 60, 120]
+    assert durations[-1] == 600 and max(durations) == 600
 
 
 def test_huge_failure_counts_stay_at_the_cap():
