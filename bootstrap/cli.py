@@ -1,6 +1,8 @@
 """`swarm bootstrap`: a long-lived DHT node with a stable identity that peers and clients join through.
 
-Prints each full multiaddr on its own stdout line, then serves until SIGINT/SIGTERM.
+Prints each full multiaddr on its own stdout line, then serves until SIGINT/SIGTERM. With
+--health-port it also serves the health page, JSON and metrics (bootstrap.health) from the same event
+loop and DHT node, and prints "health page at <url>" after the multiaddrs.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 import signal
 import sys
 
+from bootstrap.health.cli import add_health_arguments, health_config, start_health
 from swarm import records
 from swarm.errors import SwarmError
 from swarm.identity import Identity
@@ -23,11 +26,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=0, help="libp2p TCP port (0 = any free port)")
     p.add_argument("--identity", help="identity file; created if missing, keeps the peer id across restarts")
     p.add_argument("--initial-peers", nargs="*", default=[], help="other bootstrap nodes to join")
-    p.add_argument("--announce-maddrs", nargs="*", default=[], help="addresses others should dial, if not the listen ones")
+    p.add_argument(
+        "--announce-maddrs", nargs="*", default=[],
+        help="addresses others should dial, if not the listen ones",
+    )
+    add_health_arguments(p, prefix="health-")
     return p
 
 
 async def serve(args: argparse.Namespace) -> None:
+    health = health_config(args) if args.health_port is not None else None  # validated before anything starts
     identity = Identity.load_or_create(args.identity)
     settings = NodeSettings(
         initial_peers=tuple(args.initial_peers), host=args.host, port=args.port,
@@ -35,7 +43,7 @@ async def serve(args: argparse.Namespace) -> None:
     )
     p2p = await start_p2p(settings)
     identity.close()
-    dht = None
+    dht = health_server = None
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
@@ -43,8 +51,13 @@ async def serve(args: argparse.Namespace) -> None:
         dht = await start_dht(p2p, settings, records.make_record_validator(identity))
         for maddr in await visible_maddrs(p2p):
             print(maddr, flush=True)
+        if health is not None:
+            health_server = await start_health(health, dht, p2p)
+            print(f"health page at {health_server.url}", flush=True)
         await stop.wait()
     finally:
+        if health_server is not None:
+            await health_server.close()
         if dht is not None:
             await dht.shutdown()
         await p2p.shutdown()

@@ -73,15 +73,20 @@ def spawn(name: str, args: list[str], env: dict | None = None) -> Proc:
 class LocalSwarm:
     """Bootstrap node + peers on loopback. Use as a context manager."""
 
-    def __init__(self, model_path: str, *, startup_timeout_s: float = 180, peer_threads: int | None = 1):
+    def __init__(self, model_path: str, *, startup_timeout_s: float = 180, peer_threads: int | None = 1,
+                 bootstrap_args: list[str] = ()):
         self.model_path = model_path
         # several peers share this machine's cores: one torch thread each avoids spinning thread pools
         self.peer_args = ["--num-threads", str(peer_threads)] if peer_threads else []
         self.timeout_s = startup_timeout_s
         self.procs: list[Proc] = []
-        self.bootstrap = spawn("bootstrap", ["bootstrap", "--host", "127.0.0.1"])
+        self.bootstrap = spawn("bootstrap", ["bootstrap", "--host", "127.0.0.1", *bootstrap_args])
         self.procs.append(self.bootstrap)
         self.initial_peers = [self.bootstrap.wait_line(lambda l: l.startswith("/ip4/"), self.timeout_s).strip()]
+        self.health_url = None
+        if "--health-port" in bootstrap_args:
+            line = self.bootstrap.wait_line(lambda l: l.startswith("health page at "), self.timeout_s)
+            self.health_url = line.removeprefix("health page at ").strip()
         self.peers: dict[str, Proc] = {}
 
     def start_peer(self, blocks: str, name: str | None = None, extra: list[str] = (), wait: bool = True) -> Proc:

@@ -1,0 +1,139 @@
+"""`swarm health`: a standalone health monitor; joins the DHT as a client and serves the health page.
+
+`swarm bootstrap --health-port P` runs the same HealthServer inside the bootstrap process instead;
+both build their flags from HealthConfig through `add_health_arguments` / `health_config`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from dataclasses import fields
+
+from bootstrap.health.config import HealthConfig
+from bootstrap.health.server import HealthServer
+from swarm import records
+from swarm.errors import ConfigError, SwarmError
+from swarm.identity import Identity
+from swarm.net import NodeSettings, start_dht, start_p2p
+
+_DEFAULTS = {f.name: f.default for f in fields(HealthConfig)}
+
+
+def add_health_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """The HTTP and crawl flags; `prefix` ("health-") keeps them apart from libp2p's --host/--port."""
+    d = _DEFAULTS
+    p.add_argument(
+        f"--{prefix}host",
+        dest="health_host",
+        default=d["host"],
+        help=f"HTTP listen address, 0.0.0.0 to publish the page (default {d['host']})",
+    )
+    if prefix:  # in `swarm bootstrap` the page is off unless a port is given
+        p.add_argument(
+            "--health-port",
+            dest="health_port",
+            type=int,
+            default=None,
+            help="serve the health page, JSON and metrics on this HTTP port (0 = any free port)",
+        )
+    else:
+        p.add_argument(
+            "--port",
+            dest="health_port",
+            type=int,
+            default=d["port"],
+            help=f"HTTP port (0 = any free port; default {d['port']})",
+        )
+    p.add_argument(
+        f"--{prefix}refresh-s",
+        dest="health_refresh_s",
+        type=float,
+        default=d["refresh_s"],
+        help=f"seconds between crawls of the DHT and probes of every peer (default {d['refresh_s']:g})",
+    )
+    p.add_argument(
+        f"--{prefix}probe-timeout-s",
+        dest="health_probe_timeout_s",
+        type=float,
+        default=d["probe_timeout_s"],
+        help="bound on each peer's info probe",
+    )
+    p.add_argument(
+        f"--{prefix}reachability-any-ip",
+        dest="health_any_ip",
+        action="store_true",
+        help="let reachability checks dial any IP, not only the caller's (trusted networks only)",
+    )
+
+
+def health_config(args: argparse.Namespace) -> HealthConfig:
+    return HealthConfig(
+        host=args.health_host,
+        port=args.health_port,
+        refresh_s=args.health_refresh_s,
+        probe_timeout_s=args.health_probe_timeout_s,
+        reachability_same_ip_only=not args.health_any_ip,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="swarm health", description=__doc__.split("\n\n")[0])
+    p.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of bootstrap nodes or peers")
+    add_health_arguments(p)
+    return p
+
+
+async def serve(args: argparse.Namespace, config: HealthConfig) -> None:
+    identity = Identity.load_or_create(None)
+    settings = NodeSettings(
+        initial_peers=tuple(args.initial_peers), client_mode=True, identity_path=identity.p2pd_identity_path
+    )
+    try:
+        p2p = await start_p2p(settings)
+    finally:
+        identity.close()
+    dht = None
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    try:
+        dht = await start_dht(p2p, settings, records.make_record_validator(identity))
+        server = await start_health(config, dht, p2p)
+        try:
+            print(f"health page at {server.url}", flush=True)
+            await stop.wait()
+        finally:
+            await server.close()
+    finally:
+        if dht is not None:
+            await dht.shutdown()
+        await p2p.shutdown()
+
+
+async def start_health(config: HealthConfig, dht, p2p) -> HealthServer:
+    """A started HealthServer; ConfigError with advice if its port is taken."""
+    server = HealthServer(config, dht, p2p)
+    try:
+        await server.start()
+    except OSError as e:
+        await server.close()
+        raise ConfigError(
+            f"cannot serve the health page on {config.host}:{config.port} ({e.strerror or e}); "
+            "pick another port (0 for any free one)"
+        ) from e
+    return server
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(serve(args, health_config(args)))  # health_config raises ConfigError on bad values
+    except SwarmError as e:
+        print(f"swarm health: {e}", file=sys.stderr)
+        return 1
+    return 0
