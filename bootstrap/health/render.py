@@ -16,6 +16,7 @@ from bootstrap.health.summary import BLOCK_STATUSES, STATUSES, BlockCoverage, Mo
 
 SCHEMA = "swarm.health/v1"
 
+from swarm.errors import format_blocks
 
 # ---------------------------------------------------------------- JSON
 
@@ -157,7 +158,7 @@ def _model_section(m: ModelReport, report: Report) -> str:
         else f'<span id="can-run-{mid}" class="badge cannot-run">cannot run</span>'
     )
     missing = (
-        f' · missing blocks: <span class="missing">{e(_ranges(m.missing_blocks))}</span>'
+        f' · missing blocks: <span class="missing">{e(format_blocks(list(m.missing_blocks)))}</span>'
         if m.missing_blocks
         else ""
     )
@@ -245,18 +246,6 @@ def _num(x: float) -> str:
 
 def _utc(t: float) -> str:
     return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _ranges(blocks: Iterable[int]) -> str:
-    blocks = sorted(blocks)
-    out, i = [], 0
-    while i < len(blocks):
-        j = i
-        while j + 1 < len(blocks) and blocks[j + 1] == blocks[j] + 1:
-            j += 1
-        out.append(str(blocks[i]) if i == j else f"{blocks[i]}:{blocks[j] + 1}")
-        i = j + 1
-    return ", ".join(out)
 
 
 _PAGE = """<!doctype html>
