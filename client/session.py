@@ -21,7 +21,7 @@ from client import loop
 from client.policies import blame
 from client.routing import Hop, plan_route
 from client.stream import SpanStream
-from client.swarmview import candidates_from_snapshot
+from client.swarmview import candidate, peer_records
 from swarm.errors import MissingBlocksError, PeerError, PeerRefused, SessionError
 from swarm.spans import Span
 
@@ -137,7 +137,8 @@ class InferenceSession:
             try:
                 out = await hop.stream.step(hidden, position_ids, valid, self.position)
             except (PeerError, ConnectionError, TimeoutError) as e:
-                self._blame(hop, e)
+                self._ban_for(hop.peer_id, e)
+                logger.warning("hop %s [%s] failed: %s", hop.peer_id[-6:], hop.span, e)
                 await self._replace(i, f"failed: {e}")
                 continue  # the same step, now on the replacement hop(s)
             hop.keep(hidden, position_ids, valid)
@@ -149,11 +150,12 @@ class InferenceSession:
                 await self._replace(i, "draining")
         return hidden
 
-    def _blame(self, hop: HopState, error: BaseException) -> None:
-        peer = blame(hop.peer_id, error)
-        if peer is not None:
+    def _ban_for(self, suspect: str, error: BaseException) -> str | None:
+        """Ban the peer `error` is blamed on (`suspect` unless the error names one); returns it, or None."""
+        peer = blame(suspect, error)
+        if peer:
             self.model.bans.ban(peer, str(error))
-        logger.warning("hop %s [%s] failed: %s", hop.peer_id[-6:], hop.span, error)
+        return peer
 
     async def _replace(self, i: int, reason: str) -> None:
         """Route hop i's blocks again (around banned peers), replay its kept inputs, swap it out."""
@@ -186,12 +188,9 @@ class InferenceSession:
                 await self._replay(hops, kept)
                 return hops
             except (PeerError, ConnectionError, TimeoutError) as e:
-                failed = next((h for h in hops if h.peer_id == getattr(e, "peer", None)), None)
-                peer = blame(failed.peer_id if failed else getattr(e, "peer", "") or "", e)
-                if peer:
-                    self.model.bans.ban(peer, str(e))
-                    if isinstance(e, PeerRefused):
-                        refusals[peer] = str(e)
+                peer = self._ban_for(getattr(e, "peer", None) or "", e)
+                if peer and isinstance(e, PeerRefused):
+                    refusals[peer] = str(e)
                 for hop in hops:
                     asyncio.create_task(hop.stream.close())
                 delay = retry.next_delay()
@@ -217,12 +216,14 @@ class InferenceSession:
                 snapshot = await transport.fetch_blocks(model.model_id, model.num_blocks)
                 model.snapshots.put(snapshot)
                 fresh = True
-            _, addrs = candidates_from_snapshot(snapshot)
+            records = peer_records(snapshot)
+            addrs = {peer: list(r.addrs) for peer, r in records.items()}
             banned = model.bans.banned() | set(config.blocked_peers)
             await model.latencies.measure(
                 transport, {p: a for p, a in addrs.items() if p not in banned}, config.ping_timeout_s
             )
-            candidates, addrs = candidates_from_snapshot(snapshot, model.latencies.known())
+            latencies = model.latencies.known()
+            candidates = [candidate(peer, r, latencies.get(peer)) for peer, r in records.items()]
             try:
                 route = plan_route(
                     candidates, model.num_blocks, model_id=model.model_id, start_block=start, end_block=end,

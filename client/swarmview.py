@@ -10,33 +10,29 @@ import time
 from client.routing import Candidate
 from swarm.errors import PeerError, ProtocolError
 from swarm.protocol import INFO_HANDLER
+from swarm.records import BlockRecord
 from swarm.spans import Span
 
 logger = logging.getLogger(__name__)
 
 
-def candidates_from_snapshot(
-    snapshot: dict, latencies: dict[str, float] | None = None
-) -> tuple[list[Candidate], dict[str, list[str]]]:
-    """Routing candidates and dial addresses from a DHT snapshot {block: {peer_id: BlockRecord}}.
-
-    `latencies` holds measured round trips (s) by peer id; peers missing from it get the planner's guess.
-    """
-    latencies = latencies or {}
-    seen: dict[str, object] = {}
+def peer_records(snapshot: dict) -> dict[str, BlockRecord]:
+    """One record per peer from a DHT snapshot {block: {peer_id: BlockRecord}} (every block's record of
+    a peer carries the same span and load), sorted by peer id."""
+    seen: dict[str, BlockRecord] = {}
     for block_records in snapshot.values():
         for peer_id, record in block_records.items():
             seen.setdefault(peer_id, record)
-    candidates, addrs = [], {}
-    for peer_id, r in sorted(seen.items()):
-        candidates.append(Candidate(
-            peer_id=peer_id, span=Span(r.start, r.end), state=r.state,
-            compute_tokens_s=max(r.compute_tokens_s, 1e-3), latency_s=latencies.get(peer_id),
-            active_sessions=r.active_sessions,
-            queued_tokens=r.queued_tokens, cache_tokens_left=r.cache_tokens_left,
-        ))
-        addrs[peer_id] = list(r.addrs)
-    return candidates, addrs
+    return dict(sorted(seen.items()))
+
+
+def candidate(peer_id: str, r: BlockRecord, latency_s: float | None) -> Candidate:
+    """A routing candidate from a peer's record; latency None = not measured (the planner guesses)."""
+    return Candidate(
+        peer_id=peer_id, span=Span(r.start, r.end), state=r.state,
+        compute_tokens_s=max(r.compute_tokens_s, 1e-3), latency_s=latency_s,
+        active_sessions=r.active_sessions, queued_tokens=r.queued_tokens, cache_tokens_left=r.cache_tokens_left,
+    )
 
 
 class SnapshotCache:

@@ -58,6 +58,15 @@ def client_for(model_path, swarm, **config):
     )
 
 
+def assert_generates_reference(model_path, swarm) -> None:
+    client = client_for(model_path, swarm)
+    try:
+        out = client.generate(PROMPT, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        assert torch.equal(out, reference(model_path))
+    finally:
+        client.shutdown()
+
+
 def test_bootstrap_keeps_its_peer_id_across_restarts(tmp_path):
     identity = str(tmp_path / "bootstrap.id")
     ids = []
@@ -73,12 +82,7 @@ def test_bootstrap_keeps_its_peer_id_across_restarts(tmp_path):
 def test_two_peers_at_once_then_generate_equals_local(model_path):
     with LocalSwarm(str(model_path)) as swarm:
         swarm.start_peers(["0:2", "2:4"])
-        client = client_for(model_path, swarm)
-        try:
-            assert torch.equal(client.generate(PROMPT, max_new_tokens=8, do_sample=False, pad_token_id=0),
-                               reference(model_path))
-        finally:
-            client.shutdown()
+        assert_generates_reference(model_path, swarm)
 
 
 def test_restart_with_same_identity_after_kill9_leaves_no_orphans(model_path, tmp_path):
@@ -95,12 +99,7 @@ def test_restart_with_same_identity_after_kill9_leaves_no_orphans(model_path, tm
         assert not any(alive(pid) for pid in daemons), "p2pd outlived its peer"
         second = swarm.start_peer("0:4", extra=["--identity", identity])
         assert peer_id_of(second.ready_line) == peer_id_of(first.ready_line)
-        client = client_for(model_path, swarm)
-        try:
-            assert torch.equal(client.generate(PROMPT, max_new_tokens=8, do_sample=False, pad_token_id=0),
-                               reference(model_path))
-        finally:
-            client.shutdown()
+        assert_generates_reference(model_path, swarm)
 
 
 def test_client_started_before_peers_waits_for_them(model_path):
