@@ -32,6 +32,7 @@ class Announcer:
             dtype=dtype_name(s.dtype), block_hash=s.span_model.block_hashes[0],
             compute_tokens_s=s.compute_tokens_s, network_mbps=0.0,
             cache_tokens_left=max(0, s.sessions.cache_tokens_left), active_sessions=s.sessions.active,
+            queued_tokens=s.scheduler.queued_tokens,
             public_name=s.config.public_name, addrs=tuple(s.addrs[: records.MAX_ADDRS]),
             drain_deadline=s.drain_deadline if state == "draining" else None,
         )

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import re
 import signal
 import sys
 
@@ -40,6 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=d["device"], help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--cache-tokens", type=int, default=d["cache_tokens"], help="KV cache budget in token slots")
+    p.add_argument("--cache-bytes", type=parse_size, metavar="SIZE",
+                   help="KV cache budget in bytes (e.g. 20GiB, 512MB; overrides --cache-tokens), or 'auto': "
+                        "most of the memory the weights leave free")
+    p.add_argument("--max-sessions-per-client", type=int, default=d["max_sessions_per_client"])
+    p.add_argument("--max-batch-tokens", type=int, default=d["max_batch_tokens"],
+                   help="token rows in one batched forward (continuous batching across sessions)")
+    p.add_argument("--prefill-chunk-tokens", type=int, default=d["prefill_chunk_tokens"],
+                   help="prompts run in chunks of this many tokens so other sessions' steps are not stalled")
+    p.add_argument("--admission-timeout-s", type=float, default=d["admission_timeout_s"],
+                   help="how long a new session waits for KV memory before it is refused")
     p.add_argument("--max-session-length", type=int, default=d["max_session_length_tokens"])
     p.add_argument("--max-tokens-per-step", type=int, default=d["max_tokens_per_step"])
     p.add_argument("--num-threads", type=int, help="torch CPU threads (default: all cores); use 1 when several peers share a machine")
@@ -56,12 +67,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30}
+
+
+def parse_size(text: str) -> int | str:
+    """'auto', or a byte count with an optional unit: 512MB, 20GiB, 1.5GB, 1000000."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMG]i?B|B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 512MB, 20GiB or 'auto'")
+    return int(float(match[1]) * _UNITS[(match[2] or "").upper()])
+
+
 def config_from_args(args: argparse.Namespace) -> PeerConfig:
     return PeerConfig(
         model_path=args.model, span=Span.parse(args.blocks), initial_peers=tuple(args.initial_peers),
         host=args.host, port=args.port, announce_maddrs=tuple(args.announce_maddrs), identity_path=args.identity,
         model_id=args.model_id, public_name=args.public_name, health_url=args.health_url, device=args.device, dtype=args.dtype,
-        cache_tokens=args.cache_tokens, max_session_length_tokens=args.max_session_length,
+        cache_tokens=args.cache_tokens, cache_bytes=args.cache_bytes,
+        max_sessions_per_client=args.max_sessions_per_client, max_batch_tokens=args.max_batch_tokens,
+        prefill_chunk_tokens=args.prefill_chunk_tokens, admission_timeout_s=args.admission_timeout_s,
+        max_session_length_tokens=args.max_session_length,
         max_tokens_per_step=args.max_tokens_per_step, num_threads=args.num_threads, progress=True,
         drain_grace_s=args.drain_grace_s, drain_notice_file=args.drain_notice_file,
         drain_notice_url=args.drain_notice_url, drain_notice_url_period_s=args.drain_notice_url_period_s,

@@ -28,6 +28,12 @@ class PeerConfig:
     num_threads: int | None = None  # torch CPU threads; None = torch's default (all cores)
     # limits, enforced and announced in `info`
     cache_tokens: int = 65536  # KV budget, counted in cached tokens x rows over the whole span
+    cache_bytes: int | str | None = None  # KV budget in bytes (overrides cache_tokens); "auto" = most of free memory
+    page_tokens: int = 16  # KV memory is handed out in pages of this many token slots per row
+    admission_timeout_s: float = 10.0  # a new session waits this long for KV memory, then is refused
+    # continuous batching (peer.scheduler)
+    max_batch_tokens: int = 2048  # token rows per batched forward
+    prefill_chunk_tokens: int = 512  # a prompt runs in chunks of at most this many tokens per forward
     max_tokens_per_step: int = 4096
     max_session_length_tokens: int = 8192
     max_batch_size: int = 64
@@ -49,6 +55,13 @@ class PeerConfig:
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.cache_bytes, str) and self.cache_bytes != "auto" or (
+            isinstance(self.cache_bytes, int) and self.cache_bytes < 0
+        ):
+            raise ConfigError(f"cache bytes {self.cache_bytes!r}: expected a size in bytes or 'auto'")
+        for name in ("page_tokens", "max_batch_tokens", "prefill_chunk_tokens", "cache_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.drain_grace_s <= 24 * 3600:
             raise ConfigError(f"drain grace {self.drain_grace_s} s is outside [0, 86400]")
         for name in ("drain_notice_file_period_s", "drain_notice_url_period_s", "drain_notice_url_timeout_s"):

@@ -35,15 +35,16 @@ from swarm.protocol import (
     read_message,
     write_message,
 )
-from swarm.runtime import SpanModel, load_span
+from swarm.runtime import KVBudget, SpanModel, load_span
 from swarm.runtime.loading import dtype_name, load_config, parse_dtype, span_memory
 from swarm.spans import check_model_id, default_model_id
 
 from peer.announcer import Announcer
 from peer.config import PeerConfig
-from peer.memory import check_fits, describe, free_bytes
+from peer.memory import auto_cache_bytes, check_fits, describe, fmt, free_bytes
 from peer.drain import DrainingRefusal
 from peer.requests import message_type, parse_open, parse_step
+from peer.scheduler import Scheduler
 from peer.sessions import Session, SessionManager
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,9 @@ class PeerServer:
         self.state = "joining"
         self.span_model: SpanModel | None = None
         self.sessions: SessionManager | None = None
+        self.budget: KVBudget | None = None
+        self.scheduler: Scheduler | None = None
+        self.device_baseline_bytes = 0  # device memory held before any session (weights, buffers)
         self.p2p = None
         self.dht = None
         self.announcer: Announcer | None = None
@@ -87,8 +91,11 @@ class PeerServer:
             torch.set_num_threads(self.config.num_threads)
         memory = span_memory(self.config.model_path, self.span, self.dtype)
         free = free_bytes(self.config.device)
-        self.say(f"loading {self.model_id}: {describe(memory, self.span, self.config.cache_tokens, self.config.device, free)}")
-        check_fits(memory, self.span, self.config.cache_tokens, self.config.device, free)
+        planned = self.config.cache_bytes if isinstance(self.config.cache_bytes, int) else None
+        if planned is None and self.config.cache_bytes != "auto":
+            planned = memory.kv_bytes(self.config.cache_tokens)
+        self.say(f"loading {self.model_id}: {describe(memory, self.span, planned, self.config.device, free)}")
+        check_fits(memory, self.span, planned or 0, self.config.device, free)
         loaded = await loop.run_in_executor(
             self._compute,
             lambda: load_span(
@@ -97,8 +104,24 @@ class PeerServer:
             ),
         )
         self.span_model = SpanModel(loaded)
-        self.sessions = SessionManager(self.config, self.span_model.new_cache)
+        if planned is None:  # "auto": most of what the weights left free, minus room for activations
+            planned = auto_cache_bytes(free_bytes(self.config.device), self.model_config, self.config.max_batch_tokens)
+            self.say(f"KV cache budget: {fmt(planned)} ({planned // memory.kv_bytes_per_token} token slots)")
+        self.budget = KVBudget(planned, self.config.page_tokens)
+        self.scheduler = Scheduler(
+            self.span_model, max_batch_tokens=self.config.max_batch_tokens,
+            prefill_chunk_tokens=self.config.prefill_chunk_tokens,
+        )
+        self.sessions = SessionManager(
+            self.config, self.budget, memory.kv_bytes_per_token,
+            new_cache=lambda rows, length, blocks: self.span_model.new_cache(rows, length, self.budget, blocks),
+            release=self.scheduler.release, memory_waiters=lambda: self.scheduler.memory_waiters,
+        )
         self.compute_tokens_s = await loop.run_in_executor(self._compute, self._measure_compute)
+        if self.span_model.device.type == "cuda":
+            self.device_baseline_bytes = torch.cuda.memory_allocated(self.span_model.device)
+            torch.cuda.reset_peak_memory_stats(self.span_model.device)
+        self.scheduler.start()
         self.identity = Identity.load_or_create(self.config.identity_path)
         settings = NodeSettings(
             initial_peers=self.config.initial_peers, host=self.config.host, port=self.config.port,
@@ -136,6 +159,8 @@ class PeerServer:
             await self.dht.shutdown()
         if self.p2p is not None:
             await self.p2p.shutdown()
+        if self.scheduler is not None:
+            self.scheduler.stop()
         self._compute.shutdown(wait=False, cancel_futures=True)
 
     def begin_drain(self, deadline: float) -> None:
@@ -151,9 +176,9 @@ class PeerServer:
         valid = torch.ones(tokens, 1, dtype=torch.bool)
         best = float("inf")
         for _ in range(repeats):
-            cache = model.new_cache(tokens, 1)
+            cache = model.new_cache(tokens, 1, blocks=(self.span.start, self.span.start + 1))
             start = time.perf_counter()
-            model(hidden, torch.zeros(tokens, 1, dtype=torch.long), valid, cache, (self.span.start, self.span.start + 1))
+            model(hidden, torch.zeros(tokens, 1, dtype=torch.long), valid, cache)
             if model.device.type == "cuda":
                 torch.cuda.synchronize(model.device)
             best = min(best, time.perf_counter() - start)
@@ -178,7 +203,29 @@ class PeerServer:
             "limits": self.config.limits,
             "cache_tokens_left": self.sessions.cache_tokens_left if self.sessions else 0,
             "active_sessions": self.sessions.active if self.sessions else 0,
+            **self._load_fields(),
         }
+
+    def _load_fields(self) -> dict:
+        """KV memory, device memory and batching figures (benchmarks and the health page read them)."""
+        if self.sessions is None:
+            return {}
+        fields = {
+            "kv_cache": {
+                "budget_bytes": self.budget.total_bytes, "used_bytes": self.budget.used_bytes,
+                "tokens": self.sessions.cached_tokens, "page_tokens": self.budget.page_tokens,
+                "bytes_per_token_theory": self.sessions.span_token_bytes,
+            },
+            "scheduler": self.scheduler.stats.as_dict(),
+        }
+        if self.span_model.device.type == "cuda":
+            device = self.span_model.device
+            fields["device_memory"] = {
+                "baseline_bytes": self.device_baseline_bytes,
+                "allocated_bytes": torch.cuda.memory_allocated(device),
+                "peak_bytes": torch.cuda.max_memory_allocated(device),
+            }
+        return fields
 
     def _drain_fields(self) -> dict:
         """`drain_deadline` (unix time), present in `info` and results exactly while the peer drains."""
@@ -235,8 +282,12 @@ class PeerServer:
             if self.state != "online":
                 raise PeerRefused(f"peer is {self.state} and takes no new sessions")
             request = parse_open(message, self.model_id, self.span, self.config.max_session_length_tokens)
-            # no await between the state check and here: a drain cannot start in between
-            session = self.sessions.open(client_id, request.blocks, request.batch_size, request.max_length)
+            session = await self.sessions.open(client_id, request.blocks, request.batch_size, request.max_length)
+            if self.state != "online":  # a drain began while the session waited for memory
+                self.sessions.close(session)
+                if self.state == "draining":
+                    raise DrainingRefusal(self.drain_deadline, time.time())
+                raise PeerRefused(f"peer is {self.state} and takes no new sessions")
         except (ProtocolError, PeerRefused) as e:
             await self._send_fatal(reader, writer, _error_code(e), str(e))
             return None
@@ -258,7 +309,6 @@ class PeerServer:
             await asyncio.wait_for(_discard(reader), timeout=FATAL_LINGER_S)
 
     async def _serve_steps(self, session: Session, reader, writer) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             try:
                 message = await asyncio.wait_for(
@@ -282,17 +332,13 @@ class PeerServer:
             except ProtocolError as e:
                 await write_message(writer, error_message(ERROR_PROTOCOL, str(e)))
                 continue
-            hidden = await loop.run_in_executor(self._compute, self._run_step, session, request)
+            hidden = await self.scheduler.submit(session.cache, request.hidden, request.position_ids, request.valid)
             result = {
                 "type": "result", "step": request.step_id, "position": session.position,
                 "hidden": pack_tensor(hidden),
             }
             # in-band drain notice: the client learns it on this step, whatever the DHT says
             await write_message(writer, {**result, **self._drain_fields()})
-
-    def _run_step(self, session: Session, request) -> torch.Tensor:
-        out = self.span_model(request.hidden, request.position_ids, request.valid, session.cache, session.blocks)
-        return out.to("cpu")
 
 
 def _error_code(e: ProtocolError | PeerRefused) -> str:

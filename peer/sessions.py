@@ -1,7 +1,10 @@
-"""SessionManager: inference sessions on this peer and the KV budget they draw from.
+"""SessionManager: inference sessions on this peer, and admission to the KV budget they draw from.
 
-Mutates: its own table of sessions and the budget counter. Raises PeerRefused when a new session does
-not fit (budget, per-client limit, length limit); never evicts a running session to make room.
+A session reserves nothing for its worst case: its cache takes pages from the budget as it grows
+(peer.scheduler, swarm.runtime.cache). Admission: a new session is let in when the budget can give it
+its first page per row while keeping one page per row of every open session for their growth, and no
+running step is waiting for pages; otherwise `open` waits up to `admission_timeout_s` for memory to be
+freed, then refuses with PeerRefused naming the budget. Never evicts a running session to make room.
 Every session is released exactly once (close on stream end, crash of the stream, or idle expiry).
 `wait_empty()` lets a draining peer wait for its last session; open/close run on the event loop thread.
 """
@@ -11,12 +14,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from swarm.errors import PeerRefused
-from swarm.runtime import KVCache
+from swarm.runtime import KVBudget, KVCache
 
 from peer.config import PeerConfig
+
+ADMISSION_POLL_S = 0.05
 
 
 @dataclass
@@ -27,7 +33,6 @@ class Session:
     batch_size: int
     max_length: int
     cache: KVCache
-    reserved_tokens: int
     last_used_s: float = field(default_factory=time.monotonic)
 
     @property
@@ -36,24 +41,52 @@ class Session:
 
 
 class SessionManager:
-    def __init__(self, config: PeerConfig, new_cache):
+    def __init__(
+        self,
+        config: PeerConfig,
+        budget: KVBudget,
+        span_token_bytes: int,
+        new_cache: Callable[[int, int, tuple[int, int]], KVCache],
+        release: Callable[[KVCache], None],
+        memory_waiters: Callable[[], bool] = lambda: False,
+    ):
         self.config = config
-        self._new_cache = new_cache  # (batch_size, max_length) -> KVCache
+        self.budget = budget
+        self.span_token_bytes = span_token_bytes  # one cached token of one row over the whole span
+        self._new_cache = new_cache  # (rows, max_length, blocks) -> KVCache on `budget`
+        self._release = release  # gives a cache's pages back once no step runs on it
+        self._memory_waiters = memory_waiters
         self._sessions: dict[int, Session] = {}
         self._ids = itertools.count(1)
-        self.reserved_tokens = 0
         self._empty = asyncio.Event()  # set exactly while no session is open
         self._empty.set()
 
     @property
     def cache_tokens_left(self) -> int:
-        return self.config.cache_tokens - self.reserved_tokens
+        """Token slots (one row, whole span) the budget can still hand out."""
+        return max(0, self.budget.free_bytes) // self.span_token_bytes
+
+    @property
+    def cache_tokens_total(self) -> int:
+        return self.budget.total_bytes // self.span_token_bytes
 
     @property
     def active(self) -> int:
         return len(self._sessions)
 
-    def open(self, client_id: str, blocks: tuple[int, int], batch_size: int, max_length: int) -> Session:
+    @property
+    def cached_tokens(self) -> int:
+        """Token slots in use (rows x length), over all sessions."""
+        return sum(s.cache.tokens for s in self._sessions.values())
+
+    def _page_bytes(self, rows: int, blocks: tuple[int, int]) -> int:
+        return rows * self.budget.page_tokens * self.span_token_bytes * (blocks[1] - blocks[0]) // self.config.span.length
+
+    def admissible(self, rows: int, blocks: tuple[int, int]) -> bool:
+        growth = sum(self._page_bytes(s.batch_size, s.blocks) for s in self._sessions.values())
+        return not self._memory_waiters() and self._page_bytes(rows, blocks) + growth <= self.budget.free_bytes
+
+    def check_limits(self, client_id: str, batch_size: int, max_length: int) -> None:
         c = self.config
         if max_length > c.max_session_length_tokens:
             raise PeerRefused(
@@ -63,19 +96,28 @@ class SessionManager:
             raise PeerRefused(f"batch size {batch_size} exceeds this peer's limit of {c.max_batch_size}")
         if sum(s.client_id == client_id for s in self._sessions.values()) >= c.max_sessions_per_client:
             raise PeerRefused(f"client already has {c.max_sessions_per_client} sessions open on this peer")
-        need = batch_size * max_length
-        if need > self.cache_tokens_left:
-            raise PeerRefused(f"cache full: session needs {need} token slots, {self.cache_tokens_left} left")
+
+    async def open(self, client_id: str, blocks: tuple[int, int], batch_size: int, max_length: int) -> Session:
+        """Admit a session (waiting up to admission_timeout_s for KV memory) or raise PeerRefused."""
+        self.check_limits(client_id, batch_size, max_length)
+        deadline = time.monotonic() + self.config.admission_timeout_s
+        while not self.admissible(batch_size, blocks):
+            if time.monotonic() >= deadline:
+                raise PeerRefused(
+                    f"cache full: {self.budget.used_bytes} of {self.budget.total_bytes} KV bytes are in use by "
+                    f"{self.active} sessions (waited {self.config.admission_timeout_s:g} s); try another peer"
+                )
+            await asyncio.sleep(ADMISSION_POLL_S)
+        self.check_limits(client_id, batch_size, max_length)  # others may have opened while we waited
         session = Session(next(self._ids), client_id, blocks, batch_size, max_length,
-                          self._new_cache(batch_size, max_length), need)
+                          self._new_cache(batch_size, max_length, blocks))
         self._sessions[session.session_id] = session
-        self.reserved_tokens += need
         self._empty.clear()
         return session
 
     def close(self, session: Session | None) -> None:
         if session is not None and self._sessions.pop(session.session_id, None) is not None:
-            self.reserved_tokens -= session.reserved_tokens
+            self._release(session.cache)
             if not self._sessions:
                 self._empty.set()
 

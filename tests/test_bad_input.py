@@ -351,7 +351,6 @@ def test_blocks_not_served_and_bad_open(env):
         (first, {"max_length": 0}, ("max_length",), "protocol"),
         (first, {"batch_size": 1000}, ("batch size", "exceeds"), "refused"),
         (first, {"batch_size": True}, ("batch_size", "expected int"), "protocol"),
-        (first, {"batch_size": 64, "max_length": 8192}, ("cache full",), "refused"),
     ]
 
     async def run():

@@ -28,6 +28,7 @@ from client.transport import HivemindTransport
 from peer.config import PeerConfig
 from peer.drain import DrainController, fetch_notice
 from peer.sessions import SessionManager
+from swarm.runtime import KVBudget
 from swarm.errors import ConfigError
 from swarm.protocol import (
     ERROR_DRAINING,
@@ -125,7 +126,7 @@ class StandInServer:
         self.state = "online"
         self.drain_deadline: float | None = None
         self.announced: list[str] = []
-        self.sessions = SessionManager(config, lambda batch, length: None)
+        self.sessions = SessionManager(config, KVBudget(1 << 30), 1, new_cache=lambda *a: None, release=lambda cache: None)
         self.announcer = self
 
     def begin_drain(self, deadline: float) -> None:
@@ -151,7 +152,7 @@ async def until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
 def test_controller_drains_until_the_last_session_closes():
     async def scenario():
         server, drain, said = controlled(drain_grace_s=30)
-        session = server.sessions.open("client", (0, 4), 1, 8)
+        session = await server.sessions.open("client", (0, 4), 1, 8)
         leaving = asyncio.create_task(drain.run())
         drain.on_signal(signal.SIGTERM)
         await until(lambda: server.announced == ["draining"])
@@ -167,7 +168,7 @@ def test_controller_drains_until_the_last_session_closes():
 def test_controller_sigint_leaves_without_draining():
     async def scenario():
         server, drain, said = controlled()
-        server.sessions.open("client", (0, 4), 1, 8)
+        await server.sessions.open("client", (0, 4), 1, 8)
         leaving = asyncio.create_task(drain.run())
         drain.on_signal(signal.SIGINT)
         assert await asyncio.wait_for(leaving, 5) == "SIGINT"
@@ -179,7 +180,7 @@ def test_controller_sigint_leaves_without_draining():
 def test_controller_second_signal_or_grace_end_leaves_with_sessions_open():
     async def scenario(second: signal.Signals | None, grace_s: float) -> str:
         server, drain, _ = controlled(drain_grace_s=grace_s)
-        server.sessions.open("client", (0, 4), 1, 8)
+        await server.sessions.open("client", (0, 4), 1, 8)
         leaving = asyncio.create_task(drain.run())
         drain.notice("file /tmp/notice")
         await until(lambda: server.state == "draining")

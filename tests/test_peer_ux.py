@@ -18,14 +18,17 @@ GiB = 1 << 30
 
 def test_memory_check_gives_a_span_that_fits():
     memory = SpanMemory(weights_bytes=16 * GiB, kv_bytes_per_token=32 * 1024)
-    check_fits(memory, Span(0, 32), 65536, "cuda:0", free=40 * GiB)
+    check_fits(memory, Span(0, 32), 2 * GiB, "cuda:0", free=40 * GiB)
     with pytest.raises(ConfigError) as error:
-        check_fits(memory, Span(0, 32), 65536, "cuda:0", free=8 * GiB)
+        check_fits(memory, Span(0, 32), 2 * GiB, "cuda:0", free=8 * GiB)
     text = str(error.value)
     assert "not enough memory" in text and "8.0 GiB free" in text and "--blocks 0:" in text
     fitting = int(text.split("--blocks 0:")[1].split(")")[0])
     assert 0 < fitting < 32
-    assert "16.0 GiB of weights" in describe(memory, Span(0, 32), 65536, "cuda:0", 40 * GiB)
+    assert "16.0 GiB of weights + up to 2.0 GiB of KV cache (65536 token slots)" in describe(
+        memory, Span(0, 32), 2 * GiB, "cuda:0", 40 * GiB
+    )
+    assert "KV cache in most of the memory left" in describe(memory, Span(0, 32), None, "cuda:0", 40 * GiB)
 
 
 def run_peer(args: list[str], timeout_s: float = 90) -> str:

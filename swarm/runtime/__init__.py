@@ -3,12 +3,13 @@
 - `checkpoint.py`  reads only the tensors a role needs from a standard HF checkpoint folder
 - `loading.py`     builds the model skeleton on the meta device and loads a span (or the client's head)
                    through transformers' own checkpoint conversion
-- `cache.py`       the per-session KV cache the layers write into
-- `span.py`        SpanModel: runs [start, end) on hidden states with masks and rotary embeddings
+- `cache.py`       the KV byte budget (pages) and the per-session KV cache that draws on it
+- `span.py`        SpanModel: runs [start, end) on many sessions' steps as one batched forward, with
+                   per-session (varlen) attention through transformers' attention interface
 """
 
-from swarm.runtime.cache import KVCache
+from swarm.runtime.cache import CacheFull, KVBudget, KVCache
 from swarm.runtime.loading import ClientHead, load_client_head, load_span
 from swarm.runtime.span import SpanModel
 
-__all__ = ["KVCache", "SpanModel", "ClientHead", "load_span", "load_client_head"]
+__all__ = ["CacheFull", "KVBudget", "KVCache", "SpanModel", "ClientHead", "load_span", "load_client_head"]

@@ -1,21 +1,35 @@
-"""SpanModel: runs the model's own decoder layers [start, end) on hidden states, with a session's KV cache.
+"""SpanModel: runs the model's own decoder layers [start, end) on the steps of many sessions at once.
 
-One step:  hidden [batch, new_tokens, hidden_size], position_ids [batch, new_tokens] (rotary positions,
-0 at padding), valid [batch, new_tokens] (False at left padding)  ->  hidden of the same shape.
+One step of one session (a `Segment`): hidden [rows, new, hidden_size], position_ids [rows, new]
+(rotary positions, 0 at padding), valid [rows, new] (False at left padding), and the session's KVCache.
+`run(segments)` packs every segment's tokens into one sequence [1, total_tokens, hidden_size], so the
+projections, MLPs and experts of all sessions run as one batched forward (continuous batching), while
+attention stays per segment: the layers call our attention function (registered in transformers'
+`AttentionInterface` as "swarm_varlen"), which runs transformers' own SDPA (or eager) attention for
+each segment over that session's cache, read in place. This is varlen attention: no padding to the
+longest session, no copy of any cache.
 
 Masks are built here, the way transformers builds them for its own forward: causal over cache slots,
-padding slots masked, a sliding window where the layer type asks for one.
+padding slots masked, a sliding window where the layer type asks for one; None where none is needed.
 """
 
 from __future__ import annotations
 
 import inspect
+import sys
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from swarm.runtime.cache import KVCache
+from swarm.errors import ConfigError
+from swarm.runtime.cache import KVBudget, KVCache, unlimited_budget
 from swarm.runtime.loading import LoadedSpan
+
+VARLEN_ATTENTION = "swarm_varlen"
 
 
 def _layer_windows(config, span) -> list[int | None]:
@@ -31,8 +45,79 @@ def _layer_windows(config, span) -> list[int | None]:
     return out
 
 
+@dataclass
+class Segment:
+    """One session's step inside a batched forward."""
+
+    cache: KVCache
+    hidden: torch.Tensor  # [rows, new, hidden_size]
+    position_ids: torch.Tensor  # [rows, new] int64
+    valid: torch.Tensor  # [rows, new] bool
+    offset: int = 0  # where its tokens start in the packed sequence
+    masks: dict = field(default_factory=dict)  # window -> mask or None, built once per step
+
+    @property
+    def rows(self) -> int:
+        return self.hidden.shape[0]
+
+    @property
+    def new(self) -> int:
+        return self.hidden.shape[1]
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.rows * self.new
+
+
+class _Step:
+    """What the layers see as their cache for one batched forward; our attention reads it from kwargs."""
+
+    def __init__(self, model: SpanModel, segments: list[Segment]):
+        self.model = model
+        self.segments = segments
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Store each segment's new K/V in its cache; the attention reads the caches, not the return value."""
+        for s in self.segments:
+            s.cache.write(layer_idx, _unpack(key, s), _unpack(value, s))
+        return key, value
+
+    is_compileable = False
+
+
+def _unpack(packed: torch.Tensor, s: Segment) -> torch.Tensor:
+    """[1, heads, total, dim] -> this segment's [rows, heads, new, dim]."""
+    return packed[0, :, s.offset : s.end].unflatten(1, (s.rows, s.new)).transpose(0, 1)
+
+
+def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Attention of every segment over its own cache; returns [1, total, heads, head_dim] like transformers'."""
+    step: _Step = kwargs["swarm_step"]
+    model = step.model
+    block = module.layer_idx
+    window = model.windows[block - model.span.start]
+    outs = []
+    for s in step.segments:
+        if window not in s.masks:
+            s.masks[window] = model.mask_or_none(s.cache, s.new, window)
+        mask = s.masks[window]
+        k, v = s.cache.layer(block)
+        q = _unpack(query, s)
+        if mask is None and s.new == 1 and not model._eager:
+            # the common decode step, on the shortest path: torch's fused SDPA, GQA without repeating K/V
+            out = F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+            out = out.transpose(1, 2)
+        else:
+            out, _ = model.inner_attention(module, q, k, v, mask, dropout=0.0, scaling=scaling)
+        outs.append(out.reshape(s.rows * s.new, *out.shape[2:]))
+    return (outs[0] if len(outs) == 1 else torch.cat(outs)).unsqueeze(0), None
+
+
+AttentionInterface.register(VARLEN_ATTENTION, varlen_attention)
+
+
 class SpanModel(nn.Module):
-    """A loaded span, runnable step by step. Stateless between steps; state lives in the KVCache."""
+    """A loaded span, runnable step by step. Stateless between steps; state lives in the KVCaches."""
 
     def __init__(self, loaded: LoadedSpan):
         super().__init__()
@@ -45,14 +130,26 @@ class SpanModel(nn.Module):
         params = inspect.signature(self.layers[0].forward).parameters
         # transformers 5.24 renamed the layers' `past_key_values` argument to `cache`; 5.17 knows only the old name
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
-        self._eager = self.config._attn_implementation == "eager"
+        impl = self.config._attn_implementation
+        if impl not in ("sdpa", "eager", VARLEN_ATTENTION):
+            raise ConfigError(f"attention implementation {impl!r} is not supported here; use 'sdpa' or 'eager'")
+        if impl != VARLEN_ATTENTION:
+            self._eager = impl == "eager"
+            attention_module = sys.modules[type(self.layers[0].self_attn).__module__]
+            self.inner_attention = attention_module.eager_attention_forward if self._eager else sdpa_attention_forward
+            self.config._attn_implementation = VARLEN_ATTENTION  # every layer of this span now calls ours
         first = next(self.layers.parameters())
         self.dtype, self.device = first.dtype, first.device
+        c = self.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        self.bytes_per_block_token = 2 * c.num_key_value_heads * head_dim * first.element_size()
 
-    def new_cache(self, batch_size: int, max_length: int) -> KVCache:
-        return KVCache(self.span, batch_size, max_length)
+    def new_cache(self, rows: int, max_length: int, budget: KVBudget | None = None,
+                  blocks: tuple[int, int] | None = None) -> KVCache:
+        span = self.span if blocks is None else type(self.span)(*blocks)
+        return KVCache(span, rows, max_length, self.bytes_per_block_token, budget or unlimited_budget())
 
-    def _mask_or_none(self, cache: KVCache, new: int, window: int | None) -> torch.Tensor | None:
+    def mask_or_none(self, cache: KVCache, new: int, window: int | None) -> torch.Tensor | None:
         """None where attention needs no mask (as transformers decides): a single new token, or a whole
         prompt from an empty cache, with no padding anywhere and no window cutting into the past."""
         total = cache.length + new
@@ -62,7 +159,7 @@ class SpanModel(nn.Module):
         return self._mask(cache.valid, cache.length, new, window)
 
     def _mask(self, valid: torch.Tensor, start: int, new: int, window: int | None) -> torch.Tensor:
-        """[batch, 1, new, start + new] mask over cache slots; True/0.0 = attend."""
+        """[rows, 1, new, start + new] mask over cache slots; True/0.0 = attend."""
         total = start + new
         q = torch.arange(start, total, device=self.device).view(1, 1, new, 1)
         k = torch.arange(total, device=self.device).view(1, 1, 1, total)
@@ -78,41 +175,45 @@ class SpanModel(nn.Module):
         )
 
     @torch.inference_mode()
-    def forward(
-        self,
-        hidden: torch.Tensor,  # [batch, new, hidden_size]
-        position_ids: torch.Tensor,  # [batch, new] int64
-        valid: torch.Tensor,  # [batch, new] bool
-        cache: KVCache,
-        blocks: tuple[int, int] | None = None,
-    ) -> torch.Tensor:
-        """Run blocks [blocks[0], blocks[1]) (default: the whole span) and commit the step into `cache`."""
-        start_block, end_block = blocks or (self.span.start, self.span.end)
-        hidden = hidden.to(self.device, self.dtype)
-        position_ids = position_ids.to(self.device)
-        new = hidden.shape[1]
-        cache.begin(valid)
+    def run(self, segments: list[Segment]) -> list[torch.Tensor]:
+        """One batched forward over every segment's blocks (all segments' caches cover the same blocks, which
+        must lie in this span); commits each step into its cache, or rolls every one back on error.
+        Returns each segment's output hidden states [rows, new, hidden_size] on this model's device."""
+        blocks = segments[0].cache.span
+        if any(s.cache.span != blocks for s in segments) or not (self.span.start <= blocks.start < blocks.end <= self.span.end):
+            raise ValueError(f"segments of one forward must share blocks within {self.span}")
+        hidden_size = self.config.hidden_size
+        offset = 0
+        for s in segments:
+            s.offset, s.masks = offset, {}
+            offset = s.end
+        hidden = torch.cat([s.hidden.reshape(-1, hidden_size) for s in segments]).to(self.device, self.dtype)[None]
+        position_ids = torch.cat([s.position_ids.reshape(-1) for s in segments]).to(self.device)[None]
+        for s in segments:
+            s.cache.begin(s.valid)
+        step = _Step(self, segments)
         try:
             position_embeddings = self.rotary_emb(hidden, position_ids)
-            cache_position = torch.arange(cache.length, cache.length + new, device=self.device)
-            masks: dict[int | None, torch.Tensor | None] = {}
-            for block in range(start_block, end_block):
-                i = block - self.span.start
-                window = self.windows[i]
-                if window not in masks:
-                    masks[window] = self._mask_or_none(cache, new, window)
-                out = self.layers[i](
+            for block in range(blocks.start, blocks.end):
+                out = self.layers[block - self.span.start](
                     hidden,
-                    attention_mask=masks[window],
+                    attention_mask=None,
                     position_ids=position_ids,
                     position_embeddings=position_embeddings,
                     use_cache=True,
-                    cache_position=cache_position,
-                    **{self._cache_arg: cache},
+                    swarm_step=step,
+                    **{self._cache_arg: step},
                 )
                 hidden = out[0] if isinstance(out, tuple) else out
         except BaseException:
-            cache.rollback()
+            for s in segments:
+                s.cache.rollback()
             raise
-        cache.commit()
-        return hidden
+        for s in segments:
+            s.cache.commit()
+        return [hidden[0, s.offset : s.end].view(s.rows, s.new, hidden_size) for s in segments]
+
+    def forward(self, hidden, position_ids, valid, cache: KVCache) -> torch.Tensor:
+        """One session's step (reserving its pages first): [rows, new, hidden] -> the same shape."""
+        cache.reserve(cache.length + hidden.shape[1])
+        return self.run([Segment(cache, hidden, position_ids, valid)])[0]

@@ -1,0 +1,402 @@
+"""Serving under load: many concurrent sessions through a swarm, time to first token, KV memory per token.
+
+Peers are real `swarm peer` processes (client.launcher.LocalSwarm) on loopback, an even split of the
+blocks over --peers. Prints one JSON object on stdout; progress goes to stderr. README.md beside this
+file explains every figure. Baselines (local transformers, and C = 1) are measured in the same run.
+
+  1. single stream: greedy decode tokens/s of `generate` through the swarm against local transformers
+     eager `generate` (same checkpoint, device, dtype, prompt; EOS disabled); bench_decode's method;
+  2. C concurrent sessions, each in its own thread driving `InferenceSession.step` of one shared client
+     (several clients when the peers' per-client session limit is below C): every session prefills its
+     own random prompt, all wait at a barrier, then all decode N - 1 steps at once. Aggregate tokens/s =
+     C x (N - 1) / (barrier to the last session's last token); step latencies over all sessions' steps;
+     greedy tokens of session 0 (prompt 0) against the same prompt decoded alone (the C = 1 run), and
+     of every session against local transformers (all prompts in one local `generate`);
+  3. time to first token of a long prompt: `generate(max_new_tokens=1)`, call to return, after a warm-up
+     (through the swarm: route planning and stream opening included; measured after step 2);
+  4. with the largest C's sessions still open: each peer's `info` (kv_cache, device_memory, when the
+     peer reports them) against 2 x blocks x kv_heads x head_dim x dtype bytes per cached token.
+
+    python benchmarks/bench_serving.py                                     # CPU, tiny Llama, C = 1,8,32,64
+    python benchmarks/bench_serving.py --device cuda --dtype bfloat16 --llama8b
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from itertools import pairwise
+from pathlib import Path
+
+import bench_decode  # benchmarks/bench_decode.py, beside this file
+import torch
+from bench_decode import even_spans, figures, machine_info, model_info, prepare_model, quantile, timed_runs
+
+from client import ClientConfig, DistributedModelForCausalLM, loop
+from client.launcher import SWARM, LocalSwarm
+from client.session import InferenceSession
+
+
+def log(message: str) -> None:
+    print(f"[bench_serving {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+bench_decode.log = log  # its helpers (model building, timed_runs) report under this script's name
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--peers", type=int, default=2, help="number of peers (an even split of the blocks)")
+    p.add_argument("--concurrency", default="1,8,32,64", help="session counts C (1 always runs)")
+    p.add_argument("--prompt-tokens", type=int, default=16, help="prompt of each session")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per session (N)")
+    p.add_argument("--ttft-prompt-tokens", type=int, help="TTFT prompt (default: 512 CPU, 2048 GPU)")
+    p.add_argument("--repeats", type=int, default=3, help="runs of single stream, TTFT and C = 1 (medians)")
+    p.add_argument("--num-layers", type=int, default=8, help="tiny model: blocks")
+    p.add_argument("--hidden-size", type=int, default=64, help="tiny model: hidden size")
+    p.add_argument("--family", default="llama", help="tiny model family (swarm.tiny.FAMILIES)")
+    p.add_argument("--model", help="an existing checkpoint folder instead of a built one")
+    p.add_argument("--llama8b", action="store_true", help="build a random Llama-3-8B-shaped model, 16 GB")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: local model, client head, peers")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="default: float32 on CPU, bfloat16 otherwise")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads here and in each peer")
+    p.add_argument("--work-dir", help="where checkpoints go (kept; an 8B one there is reused); default: temp")
+    p.add_argument("--startup-timeout-s", type=float, default=300.0)
+    args = p.parse_args(argv)
+    args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    args.concurrency = sorted({1, *(int(c) for c in args.concurrency.split(","))})
+    args.ttft_prompt_tokens = args.ttft_prompt_tokens or (512 if args.device == "cpu" else 2048)
+    if args.new_tokens < 3:
+        p.error("--new-tokens must be >= 3 (a decode rate needs two decode steps)")
+    return args
+
+
+# ---------------------------------------------------------------- swarm and clients
+
+
+def peer_supports(flag: str) -> bool:
+    return flag in subprocess.run([*SWARM, "peer", "--help"], capture_output=True, text=True).stdout
+
+
+def ready_fields(line: str) -> tuple[str, list[str]]:
+    """(peer id, multiaddrs) from a peer's `ready peer_id=... model=... blocks=... addrs=a,b` line."""
+    fields = dict(part.split("=", 1) for part in line.split()[1:] if "=" in part)
+    return fields["peer_id"], [a for a in fields.get("addrs", "").split(",") if a]
+
+
+def new_client(path: Path, initial_peers: list[str], args) -> DistributedModelForCausalLM:
+    config = ClientConfig(initial_peers=tuple(initial_peers), wait_for_route_s=60)
+    client = DistributedModelForCausalLM.from_pretrained(
+        path, client_config=config, dtype=getattr(torch, args.dtype), device=args.device)
+    loop.run(client.transport(), timeout_s=120)  # p2pd + DHT now: concurrent sessions must not race to it
+    return client
+
+
+def peer_infos(client, peers: list[tuple[str, list[str]]]) -> list[dict]:
+    from swarm.probe import request_info
+
+    transport = loop.run(client.transport(), timeout_s=60)
+    return [loop.run(request_info(transport.p2p, pid, addrs, 10.0), timeout_s=20) for pid, addrs in peers]
+
+
+def wait_idle(client, peers, timeout_s: float = 30.0) -> None:
+    """Until no peer holds a session: a closed stream is released by the peer a moment later, and a
+    refused open (per-client limit) would get the peer banned by the next run's sessions."""
+    deadline = time.monotonic() + timeout_s
+    while any(info.get("active_sessions") for info in peer_infos(client, peers)):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"peers still hold sessions {timeout_s} s after the client closed them")
+        time.sleep(0.2)
+
+
+# ---------------------------------------------------------------- measurements
+
+
+def ttft_runs(model, prompt: torch.Tensor, repeats: int, what: str) -> list[float]:
+    """Seconds from a `generate(max_new_tokens=1)` call to its return: one warm-up, then `repeats` runs."""
+    times = []
+    for _ in range(repeats + 1):
+        start = time.monotonic()
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=1, do_sample=False,
+                       eos_token_id=None, pad_token_id=0)
+        if prompt.device.type == "cuda":
+            torch.cuda.synchronize(prompt.device)
+        times.append(time.monotonic() - start)
+    log(f"{what}: first token of a {prompt.shape[1]}-token prompt after {statistics.median(times[1:]):.3f} s")
+    return times[1:]
+
+
+def next_token(client, session: InferenceSession, ids: torch.Tensor) -> int:
+    """One session step from token ids [1, new]; the greedy next token (norm + head here, as forward does)."""
+    hidden = session.step(client.embed_tokens(ids), torch.ones(ids.shape, dtype=torch.bool))
+    return int(client.lm_head(client.norm(hidden[:, -1:])).float()[0, -1].argmax())
+
+
+def drive(client, session, prompt, steps: int, barrier: threading.Barrier, out: dict) -> None:
+    """A session's thread: prefill, wait for every session at the barrier, then `steps` decode steps."""
+    try:
+        with torch.inference_mode():  # thread-local: set in every thread
+            tokens = [next_token(client, session, prompt)]
+            out["prefilled"] = time.monotonic()
+            barrier.wait(timeout=600)
+            stamps = [time.monotonic()]
+            for _ in range(steps):
+                tokens.append(next_token(client, session, torch.tensor([[tokens[-1]]], device=prompt.device)))
+                stamps.append(time.monotonic())
+        out.update(tokens=tokens, stamps=stamps)
+    except BaseException as e:  # reported by the main thread
+        out["error"] = e
+        barrier.abort()
+
+
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """User + system CPU seconds so far of each process (Linux /proc; missing ones left out)."""
+    out = {}
+    for name, pid in pids.items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[name] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
+
+
+def concurrent_run(c: int, clients: list, per_client: int, prompts, args, pids, while_open=None) -> dict:
+    """C sessions at once, one thread each; `while_open()` runs after the decode, sessions still open."""
+    per_client = min(per_client, c)
+    max_length = args.prompt_tokens + args.new_tokens
+    # model.inference_session() allows one active session per model; the others are made directly
+    owners = [clients[i // per_client] for i in range(c)]
+    sessions = [InferenceSession(owner, max_length) for owner in owners]
+    marks: list[tuple[float, dict]] = []  # decode starts: (t0, CPU seconds of the processes)
+    barrier = threading.Barrier(c, action=lambda: marks.append((time.monotonic(), cpu_seconds(pids))))
+    outs = [{} for _ in range(c)]
+    threads = [threading.Thread(target=drive, daemon=True, args=(
+        owners[i], sessions[i], prompts[i : i + 1], args.new_tokens - 1, barrier, outs[i])) for i in range(c)]
+    opened = time.monotonic()
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        t1, cpu1 = time.monotonic(), cpu_seconds(pids)
+        errors = [o["error"] for o in outs if "error" in o]
+        if errors:
+            first = next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
+            raise RuntimeError(f"C={c}: {len(errors)} sessions failed; first: {first!r}") from first
+        extra = while_open() if while_open else None
+    finally:
+        for s in sessions:
+            s.close()
+    (t0, cpu0) = marks[0]
+    wall = max(o["stamps"][-1] for o in outs) - t0
+    steps_ms = [1e3 * (b - a) for o in outs for a, b in pairwise(o["stamps"])]
+    per_session = [(args.new_tokens - 1) / (o["stamps"][-1] - t0) for o in outs]
+    result = {
+        "sessions": c, "clients": math.ceil(c / per_client),
+        "open_and_prefill_s": round(max(o["prefilled"] for o in outs) - opened, 3),
+        "decode_wall_s": round(wall, 4), "aggregate_tokens_s": round(c * (args.new_tokens - 1) / wall, 2),
+        "step_ms_p50": round(statistics.median(steps_ms), 3),
+        "step_ms_p99": round(quantile(steps_ms, 0.99), 3), "step_ms_max": round(max(steps_ms), 3),
+        "session_tokens_s_min": round(min(per_session), 2),
+        "session_tokens_s_max": round(max(per_session), 2),
+        # CPU cores each process kept busy during the decode (client: this process, all its threads)
+        "cpu_cores_busy": {k: round((cpu1[k] - cpu0[k]) / (t1 - t0), 2) for k in cpu1 if k in cpu0},
+        "tokens": [o["tokens"] for o in outs],  # checked against C = 1 and local ones, then dropped
+    }
+    log(f"C={c}: {result['aggregate_tokens_s']:.1f} tokens/s aggregate over {wall:.2f} s; step ms p50 "
+        f"{result['step_ms_p50']:.1f}, p99 {result['step_ms_p99']:.1f}, max {result['step_ms_max']:.1f}")
+    return result if extra is None else {**result, "kv_memory": extra}
+
+
+def _number(mapping, key: str) -> float | None:
+    value = mapping.get(key) if isinstance(mapping, dict) else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _per_token(nbytes: float | None, tokens: float | None, unit: float = 1.0) -> float | None:
+    return round(nbytes / tokens / unit, 4) if nbytes is not None and tokens else None
+
+
+def kv_memory(infos: list[dict], config, expected_tokens: int, cuda: bool) -> list[dict]:
+    """Per peer: bytes per cached token, by the peer's own account and (CUDA) its allocator, vs theory."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    out = []
+    for info in infos:
+        start, end = info["span"]
+        dtype_bytes = getattr(torch, info["dtype"]).itemsize
+        theory = 2 * (end - start) * config.num_key_value_heads * head_dim * dtype_bytes
+        kv, mem = info.get("kv_cache"), info.get("device_memory")
+        tokens, used = _number(kv, "tokens"), _number(kv, "used_bytes")
+        base = _number(mem, "baseline_bytes") if cuda else None  # weights and buffers, before any session
+        peak, held = (None if base is None or _number(mem, k) is None else _number(mem, k) - base
+                      for k in ("peak_bytes", "allocated_bytes"))
+        out.append({
+            "span": f"{start}:{end}", "dtype": info["dtype"], "active_sessions": info.get("active_sessions"),
+            "expected_tokens": expected_tokens, "kv_cache": kv, "device_memory": mem,
+            "theory_bytes_per_token": theory,
+            "peer_theory_bytes_per_token": _number(kv, "bytes_per_token_theory"),
+            "used_bytes_per_token": _per_token(used, tokens),
+            "used_over_theory": _per_token(used, tokens, theory),
+            "device_bytes_per_token": _per_token(peak, tokens),
+            "device_over_theory": _per_token(peak, tokens, theory),
+            "device_allocated_over_theory": _per_token(held, tokens, theory),
+            "scheduler": info.get("scheduler"),  # the peer's batching figures, when it reports them
+        })
+    return out
+
+
+# ---------------------------------------------------------------- main
+
+
+def measure_swarm(swarm: LocalSwarm, model_path: Path, config, prompts, ttft_prompt, args) -> dict:
+    """Start the peers; single stream, every C, then TTFT; one client (more if the peers' per-client
+    session limit is below C). The KV report is taken while the largest C's sessions are open."""
+    flags = ["--device", args.device, "--dtype", args.dtype]
+    limit_flag = peer_supports("--max-sessions-per-client")
+    if limit_flag:  # twice the need: a session the peer has not released yet still counts
+        flags += ["--max-sessions-per-client", str(2 * max(args.concurrency))]
+    spans = even_spans(config.num_hidden_layers, args.peers)
+    log(f"starting peers {spans}")
+    start = time.monotonic()
+    procs = swarm.start_peers(spans, extra=flags)
+    peers = [ready_fields(p.ready_line) for p in procs]
+    pids = {"client": os.getpid(), **{p.name: p.popen.pid for p in procs}}
+    log(f"peers ready in {time.monotonic() - start:.1f} s")
+    clients = [new_client(model_path, swarm.initial_peers, args)]
+    out = {"spans": spans, "max_sessions_per_client_flag": limit_flag, "concurrency": {}}
+    try:
+        out["single"] = timed_runs(clients[0], prompts[:1], args, "swarm")
+        infos = peer_infos(clients[0], peers)
+        limits = [i.get("limits", {}).get("max_sessions_per_client", 32) for i in infos]
+        out["sessions_per_client"] = per_client = min(limits)
+        while len(clients) < math.ceil(max(args.concurrency) / per_client):
+            clients.append(new_client(model_path, swarm.initial_peers, args))
+        log(f"per-client session limit {per_client} (flag {'passed' if limit_flag else 'absent'}): "
+            f"{len(clients)} client(s)")
+        top = max(args.concurrency)
+        expected_tokens = top * (args.prompt_tokens + args.new_tokens - 1)
+        cuda = args.device.startswith("cuda")
+
+        def report() -> list[dict]:
+            return kv_memory(peer_infos(clients[0], peers), config, expected_tokens, cuda)
+
+        for c in args.concurrency:
+            runs = []
+            # C = 1 is every ratio's denominator and the shortest run, so the noisiest: --repeats, median
+            for _ in range(args.repeats if c == 1 else 1):
+                wait_idle(clients[0], peers)
+                while_open = report if c == top else None
+                runs.append(concurrent_run(c, clients, per_client, prompts, args, pids, while_open))
+            chosen = sorted(runs, key=lambda r: r["aggregate_tokens_s"])[len(runs) // 2]
+            out["concurrency"][c] = chosen
+            if len(runs) > 1:
+                chosen["aggregate_tokens_s_runs"] = [r["aggregate_tokens_s"] for r in runs]
+        # TTFT last: its long prefill would otherwise set the peers' peak device memory read above
+        out["ttft"] = ttft_runs(clients[0], ttft_prompt, args.repeats, "swarm")
+    finally:
+        for client in clients:
+            client.shutdown()
+    return out
+
+
+def run(args, work: Path) -> dict:
+    torch.set_num_threads(args.threads)
+    machine = machine_info(args.device)  # the load average at the start
+    model_path, local = prepare_model(args, work)
+    config = local.config
+    if not 1 <= args.peers <= config.num_hidden_layers:
+        raise SystemExit(f"--peers: {args.peers} peers cannot split {config.num_hidden_layers} blocks")
+    seeded = torch.Generator().manual_seed(0)
+    vocab, sessions = config.vocab_size, max(args.concurrency)
+    prompts = torch.randint(4, vocab, (sessions, args.prompt_tokens), generator=seeded).to(args.device)
+    ttft_prompt = torch.randint(4, vocab, (1, args.ttft_prompt_tokens), generator=seeded).to(args.device)
+    runs, steps_ms, local_tokens = timed_runs(local, prompts[:1], args, "local")
+    local_ttft = ttft_runs(local, ttft_prompt, args.repeats, "local")
+    # every session's reference tokens: all prompts in one local generate (equal lengths, no padding)
+    batched = local.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=args.new_tokens,
+                             do_sample=False, eos_token_id=None, pad_token_id=0)
+    local_all = batched[:, args.prompt_tokens :].tolist()
+    with LocalSwarm(str(model_path), startup_timeout_s=args.startup_timeout_s,
+                    peer_threads=args.threads) as swarm:
+        sw = measure_swarm(swarm, model_path, config, prompts, ttft_prompt, args)
+    # local again, after the swarm: its decode figure is the median over both sets of runs
+    runs_after, steps_after, _ = timed_runs(local, prompts[:1], args, "local (again)")
+
+    conc = sw["concurrency"]
+    alone = conc[1]["tokens"][0]
+    for r in conc.values():
+        r["aggregate_over_c1"] = round(r["aggregate_tokens_s"] / conc[1]["aggregate_tokens_s"], 4)
+        tokens = r.pop("tokens")
+        r["tokens_equal_alone"] = tokens[0] == alone
+        r["sessions_equal_local"] = sum(t == local_all[i] for i, t in enumerate(tokens))
+    kv = conc[max(conc)].pop("kv_memory")
+    local_fig, swarm_fig = figures(runs + runs_after, steps_ms + steps_after), figures(*sw["single"][:2])
+    ttft = {"prompt_tokens": args.ttft_prompt_tokens, "local_s": round(statistics.median(local_ttft), 4),
+            "swarm_s": round(statistics.median(sw["ttft"]), 4), "local_runs_s": local_ttft,
+            "swarm_runs_s": sw["ttft"]}
+    ttft["swarm_over_local"] = round(ttft["swarm_s"] / ttft["local_s"], 3)
+    local_rate, swarm_rate = local_fig["decode_tokens_s"], swarm_fig["decode_tokens_s"]
+
+    def per_c(key: str) -> dict:
+        return {str(c): r[key] for c, r in conc.items()}
+
+    return {
+        "benchmark": "serving", "machine": machine, "model": model_info(config, model_path),
+        "settings": {
+            "dtype": args.dtype, "peers": args.peers, "spans": sw["spans"], "concurrency": args.concurrency,
+            "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
+            "ttft_prompt_tokens": args.ttft_prompt_tokens, "greedy": True,
+            "max_sessions_per_client_flag": sw["max_sessions_per_client_flag"],
+            "sessions_per_client": sw["sessions_per_client"],
+        },
+        "single_stream": {"local": local_fig, "swarm": swarm_fig,
+                          "tokens_equal_local": sw["single"][2] == local_tokens,
+                          "session_tokens_equal_local": alone == local_tokens},
+        "ttft": ttft,
+        "concurrency": {str(c): r for c, r in conc.items()},
+        "kv_memory": {"sessions": max(conc), "peers": kv},
+        "summary": {
+            "local_decode_tokens_s": round(local_rate, 2), "swarm_decode_tokens_s": round(swarm_rate, 2),
+            "swarm_over_local_tokens_s": round(swarm_rate / local_rate, 4),
+            "aggregate_tokens_s": per_c("aggregate_tokens_s"),
+            "aggregate_over_c1": per_c("aggregate_over_c1"),
+            "step_ms_p50": per_c("step_ms_p50"), "step_ms_p99": per_c("step_ms_p99"),
+            "step_ms_max": per_c("step_ms_max"),
+            "tokens_equal_alone": all(r["tokens_equal_alone"] for r in conc.values()),
+            "sessions_equal_local": {str(c): f"{r['sessions_equal_local']}/{c}" for c, r in conc.items()},
+            "ttft_s": {k: ttft[k] for k in ("local_s", "swarm_s", "swarm_over_local")},
+            "kv_used_over_theory": {m["span"]: m["used_over_theory"] for m in kv},
+            "kv_device_over_theory": {m["span"]: m["device_over_theory"] for m in kv},
+        },
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    start = time.monotonic()
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_serving."))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        result = run(args, work)
+    finally:
+        if not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+    result["wall_s"] = round(time.monotonic() - start, 1)
+    result["machine"]["loadavg_1min_at_end"] = round(os.getloadavg()[0], 2)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""Scheduler: continuous batching of every session's steps on this peer.
+
+The event loop submits steps (`submit` returns an asyncio future). One compute thread loops: each
+iteration takes the waiting steps in arrival order, up to `max_batch_tokens` tokens: decode steps
+whole, prompts in chunks of at most `prefill_chunk_tokens`, so a long prompt runs over several
+iterations alongside everyone else's decode steps. All of it runs as one SpanModel.run (one batched
+forward). Steps must share a block range to share a forward; the oldest waiting step picks the range.
+
+Bounded wait: a step is taken in the first iteration in which the steps ahead of it leave room, and
+each iteration takes at least a chunk of the oldest step, so a step waits at most for the chunks of
+the steps that arrived before it (a few iterations), never for steps that arrive after it.
+
+Memory: before a chunk runs, its session's cache reserves the pages it needs. When the budget has no
+room the step stays queued (and `memory_waiters` tells admission to let no new session in) until a
+session closes; nothing running is evicted.
+
+Threads: `submit`, `release` and the properties run on the event loop thread; the forward and every
+cache mutation on the compute thread. One lock guards the queue and the set of caches in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from swarm.runtime.cache import CacheFull, KVCache
+from swarm.runtime.span import Segment, SpanModel
+
+logger = logging.getLogger(__name__)
+
+MEMORY_RETRY_S = 0.05  # how often steps waiting for KV pages look again (a close also wakes them)
+
+
+@dataclass(eq=False)
+class _Work:
+    cache: KVCache
+    hidden: torch.Tensor  # [rows, new, hidden]
+    position_ids: torch.Tensor
+    valid: torch.Tensor
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    enqueued_s: float = field(default_factory=time.monotonic)
+    done: int = 0  # tokens (per row) already run
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    started: bool = False
+
+    @property
+    def left(self) -> int:
+        return self.hidden.shape[1] - self.done
+
+
+@dataclass
+class SchedulerStats:
+    iterations: int = 0
+    steps: int = 0  # steps completed
+    segments: int = 0  # segments run (a chunked prompt counts once per chunk)
+    tokens: int = 0  # token rows run
+    max_batch_segments: int = 0
+    max_wait_s: float = 0.0  # longest time a step waited for its first chunk to run
+
+    def as_dict(self) -> dict:
+        return {
+            "iterations": self.iterations, "steps": self.steps, "segments": self.segments, "tokens": self.tokens,
+            "max_batch_segments": self.max_batch_segments, "max_wait_ms": round(self.max_wait_s * 1000, 3),
+        }
+
+
+class Scheduler:
+    def __init__(self, model: SpanModel, *, max_batch_tokens: int = 2048, prefill_chunk_tokens: int = 512):
+        self.model = model
+        self.max_batch_tokens = max_batch_tokens
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.stats = SchedulerStats()
+        self._queue: list[_Work] = []
+        self._running: set[KVCache] = set()
+        self._to_free: list[KVCache] = []
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._memory_wait = False
+        self._thread = threading.Thread(target=self._serve, name="scheduler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+    # ---------------------------------------------------------------- event loop side
+
+    def submit(self, cache: KVCache, hidden, position_ids, valid) -> asyncio.Future:
+        """Queue one step of a session; the future gets its output [rows, new, hidden] on the CPU."""
+        loop = asyncio.get_running_loop()
+        work = _Work(cache, hidden, position_ids, valid, loop.create_future(), loop)
+        with self._cond:
+            if self._stopped:
+                raise RuntimeError("the scheduler is stopped")
+            self._queue.append(work)
+            self._cond.notify_all()
+        return work.future
+
+    def release(self, cache: KVCache) -> None:
+        """The session is gone: drop its queued steps and give its pages back (after the forward it is in)."""
+        with self._cond:
+            for work in [w for w in self._queue if w.cache is cache]:
+                self._queue.remove(work)
+                _resolve(work, cancel=True)
+            if cache in self._running:
+                self._to_free.append(cache)
+            else:
+                cache.free()
+            self._cond.notify_all()
+
+    @property
+    def memory_waiters(self) -> bool:
+        """True while some step waits for KV pages (admission then lets no new session in)."""
+        return self._memory_wait
+
+    @property
+    def queued_tokens(self) -> int:
+        with self._cond:
+            return sum(w.left * w.hidden.shape[0] for w in self._queue)
+
+    # ---------------------------------------------------------------- compute thread
+
+    def _serve(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopped:
+                    self._cond.wait()
+                if self._stopped:
+                    for work in self._queue:
+                        _resolve(work, error=RuntimeError("the peer is shutting down"))
+                    return
+                batch = self._take()
+                if not batch:  # every waiting step needs KV pages nobody has freed yet
+                    self._cond.wait(MEMORY_RETRY_S)
+                    continue
+                self._running = {work.cache for work, _ in batch}
+            try:
+                self._run(batch)
+            finally:
+                with self._cond:
+                    self._running = set()
+                    for cache in self._to_free:
+                        cache.free()
+                    self._to_free.clear()
+
+    def _take(self) -> list[tuple[_Work, int]]:
+        """Pick this iteration's chunks (called with the lock held): FIFO, one block range, token budget."""
+        batch: list[tuple[_Work, int]] = []
+        room = self.max_batch_tokens
+        blocks = None
+        waiting_for_memory = False
+        for work in self._queue:
+            if blocks is not None and work.cache.span != blocks:
+                continue
+            rows = work.hidden.shape[0]
+            chunk = min(work.left, self.prefill_chunk_tokens)
+            if batch:
+                chunk = min(chunk, room // rows)
+                if chunk < 1:
+                    continue
+            try:
+                work.cache.reserve(work.cache.length + chunk)
+            except CacheFull:
+                waiting_for_memory = True
+                continue
+            batch.append((work, chunk))
+            blocks = work.cache.span
+            room -= rows * chunk
+            if room <= 0:
+                break
+        self._memory_wait = waiting_for_memory
+        now = time.monotonic()
+        for work, _ in batch:
+            if not work.started:
+                work.started = True
+                self.stats.max_wait_s = max(self.stats.max_wait_s, now - work.enqueued_s)
+        return batch
+
+    def _run(self, batch: list[tuple[_Work, int]]) -> None:
+        segments = [
+            Segment(w.cache, w.hidden[:, w.done : w.done + n], w.position_ids[:, w.done : w.done + n],
+                    w.valid[:, w.done : w.done + n])
+            for w, n in batch
+        ]
+        try:
+            outs = self.model.run(segments)
+            hidden_size = outs[0].shape[-1]
+            flat = torch.cat([o.reshape(-1, hidden_size) for o in outs]).cpu() if len(outs) > 1 else outs[0].cpu()
+        except Exception as e:  # e.g. out of device memory: these steps fail, the peer goes on
+            logger.exception("batched forward of %d segments failed", len(segments))
+            with self._cond:
+                for work, _ in batch:
+                    if work in self._queue:
+                        self._queue.remove(work)
+                    _resolve(work, error=e)
+            return
+        s = self.stats
+        s.iterations += 1
+        s.segments += len(segments)
+        s.tokens += sum(seg.rows * seg.new for seg in segments)
+        s.max_batch_segments = max(s.max_batch_segments, len(segments))
+        offset = 0
+        with self._cond:
+            for (work, n), seg in zip(batch, segments, strict=True):
+                size = seg.rows * seg.new
+                work.outputs.append(flat.reshape(-1, flat.shape[-1])[offset : offset + size].view(seg.rows, n, -1))
+                offset += size
+                work.done += n
+                if work.left == 0 and work in self._queue:
+                    self._queue.remove(work)
+                    s.steps += 1
+                    out = work.outputs[0] if len(work.outputs) == 1 else torch.cat(work.outputs, dim=1)
+                    _resolve(work, result=out)
+
+
+def _resolve(work: _Work, *, result=None, error: BaseException | None = None, cancel: bool = False) -> None:
+    """Complete a step's future from any thread (a no-op if its waiter already went away)."""
+
+    def settle() -> None:
+        if work.future.done():
+            return
+        if cancel:
+            work.future.cancel()
+        elif error is not None:
+            work.future.set_exception(error)
+        else:
+            work.future.set_result(result)
+
+    try:
+        work.loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # the loop is closed: nobody waits any more
+        pass
