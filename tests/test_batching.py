@@ -82,7 +82,7 @@ def test_batched_forward_equals_each_alone(span_models, family, window):
         inputs.append(steps)
     # alone: every session on its own, step by step
     alone = []
-    for (rows, lengths, _), steps in zip(plan, inputs, strict=True):
+    for (rows, _lengths, _), steps in zip(plan, inputs, strict=True):
         cache = model.new_cache(rows, 64)
         alone.append([model(h, p, v, cache) for h, p, v in steps])
     # together: round j runs every session's step j in one forward (prefill and decode mixed)
