@@ -492,10 +492,10 @@ def run(args, work: Path) -> dict:
     return result
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def run_benchmark(args, run, prefix: str) -> int:
+    """Run `run(args, work_dir)` in a work folder (temporary unless --work-dir) and print its JSON result."""
     start = time.monotonic()
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_decode."))
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix=prefix))
     work.mkdir(parents=True, exist_ok=True)
     try:
         result = run(args, work)
@@ -506,6 +506,10 @@ def main(argv=None) -> int:
     result["machine"]["loadavg_1min_at_end"] = round(os.getloadavg()[0], 2)
     print(json.dumps(result, indent=2))
     return 0
+
+
+def main(argv=None) -> int:
+    return run_benchmark(parse_args(argv), run, "bench_decode.")
 
 
 if __name__ == "__main__":

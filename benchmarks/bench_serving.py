@@ -24,14 +24,11 @@ file explains every figure. Baselines (local transformers, and C = 1) are measur
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from itertools import pairwise
@@ -383,19 +380,7 @@ def run(args, work: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    start = time.monotonic()
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_serving."))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        result = run(args, work)
-    finally:
-        if not args.work_dir:
-            shutil.rmtree(work, ignore_errors=True)
-    result["wall_s"] = round(time.monotonic() - start, 1)
-    result["machine"]["loadavg_1min_at_end"] = round(os.getloadavg()[0], 2)
-    print(json.dumps(result, indent=2))
-    return 0
+    return bench_decode.run_benchmark(parse_args(argv), run, "bench_serving.")
 
 
 if __name__ == "__main__":

@@ -67,10 +67,6 @@ class SessionManager:
         return max(0, self.budget.free_bytes) // self.span_token_bytes
 
     @property
-    def cache_tokens_total(self) -> int:
-        return self.budget.total_bytes // self.span_token_bytes
-
-    @property
     def active(self) -> int:
         return len(self._sessions)
 
