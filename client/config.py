@@ -17,6 +17,10 @@ class ClientConfig:
     connect_timeout_s: float = 20.0
     step_timeout_s: float = 30.0  # a step with no answer after this (plus the per-token part) fails over
     step_timeout_per_token_s: float = 0.05  # prefill of a long prompt gets more time
+    # server-to-server steps: each peer pushes its output straight to the next hop of the route; a hop
+    # whose pushed step has not answered within forward_wait_s (plus the per-token part) gets it from us
+    server_to_server: bool = True
+    forward_wait_s: float = 2.0
     route_poll_s: float = 1.0
     ping_timeout_s: float = 2.0  # an info round trip measures each candidate's latency
     blocked_peers: tuple[str, ...] = ()  # peer ids never to route through (untrusted, or a test's choice)
@@ -35,6 +39,7 @@ class ClientConfig:
                            backoff_base_s=self.route_poll_s, backoff_cap_s=self.route_poll_s)
 
     def __post_init__(self) -> None:
-        for name in ("wait_for_route_s", "connect_timeout_s", "step_timeout_s", "route_poll_s", "ping_timeout_s"):
+        for name in ("wait_for_route_s", "connect_timeout_s", "step_timeout_s", "route_poll_s", "ping_timeout_s",
+                     "forward_wait_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0")

@@ -11,6 +11,7 @@ Generation uses no local cache object: `generate` hands `forward` the whole sequ
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from pathlib import Path
@@ -48,6 +49,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.model_id = model_id
         self.num_blocks = config.num_hidden_layers
         self._transport: HivemindTransport | None = None
+        self._transport_lock: asyncio.Lock | None = None  # made on the client loop, where it is used
         self._session: InferenceSession | None = None
         self.latencies = LatencyTable()
         self.snapshots = SnapshotCache()
@@ -94,10 +96,14 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------ network
 
     async def transport(self) -> HivemindTransport:
-        if self._transport is None:
-            self._transport = await HivemindTransport.create(
-                self.client_config.initial_peers, self.client_config.connect_timeout_s
-            )
+        """This model's transport, started on first use (once, however many sessions ask at a time)."""
+        if self._transport_lock is None:
+            self._transport_lock = asyncio.Lock()
+        async with self._transport_lock:
+            if self._transport is None:
+                self._transport = await HivemindTransport.create(
+                    self.client_config.initial_peers, self.client_config.connect_timeout_s
+                )
         return self._transport
 
     def shutdown(self) -> None:

@@ -132,23 +132,42 @@ class InferenceSession:
             self.hops = await self._build(0, self.model.num_blocks, None)
             self._check_memory(hidden.shape[0], hidden.shape[2])
         i = 0
+        forwarded = False  # whether hop i's input is on its way from the previous peer (server-to-server)
         while i < len(self.hops):
             hop = self.hops[i]
+            push = self._push_route(i + 1)
             try:
-                out = await hop.stream.step(hidden, position_ids, valid, self.position)
+                if forwarded:
+                    out = await hop.stream.forwarded_step(hidden, position_ids, valid, self.position, push)
+                else:
+                    out = await hop.stream.step(hidden, position_ids, valid, self.position, push)
             except (PeerError, ConnectionError, TimeoutError) as e:
                 self._ban_for(hop.peer_id, e)
                 logger.warning("hop %s [%s] failed: %s", hop.peer_id[-6:], hop.span, e)
                 await self._replace(i, f"failed: {e}")
+                forwarded = False  # the replacement hop(s) get the step from us
                 continue  # the same step, now on the replacement hop(s)
             hop.keep(hidden, position_ids, valid)
             self.model.bans.clear(hop.peer_id)
+            forwarded = bool(push) and hop.stream.pushed
             hidden = out
             i += 1
         for i in reversed(range(len(self.hops))):  # at the step boundary: leave peers that are draining
             if self.hops[i].stream.drain_deadline is not None:
                 await self._replace(i, "draining")
         return hidden
+
+    def _push_route(self, start: int) -> list[dict]:
+        """Push targets of hops[start:] for server-to-server steps, up to the first hop that takes none."""
+        if not self.model.client_config.server_to_server:
+            return []
+        route = []
+        for hop in self.hops[start:]:
+            target = hop.stream.push_target()
+            if target is None:
+                break
+            route.append(target)
+        return route
 
     def _ban_for(self, suspect: str, error: BaseException) -> str | None:
         """Ban the peer `error` is blamed on (`suspect` unless the error names one); returns it, or None."""

@@ -2,6 +2,10 @@
 
 Owns the framing of `open`, `step` and `close` on the client side and checks every reply strictly:
 a malformed or non-finite result is the peer's failure (PeerError naming it), never used.
+
+Server-to-server steps: `step(..., push=route)` asks the peer to send its output on to the next hops
+itself; `forwarded_step` then waits for a hop's result without sending anything, and sends the step
+itself (marked "fallback") only if the result has not come within the forward wait.
 """
 
 from __future__ import annotations
@@ -29,13 +33,21 @@ REPLY_MAX_BYTES = 1 << 30
 class SpanStream:
     """One open inference stream to one peer for blocks [hop.span.start, hop.span.end)."""
 
-    def __init__(self, hop: Hop, reader, writer, dtype: torch.dtype, config):
+    def __init__(self, hop: Hop, reader, writer, dtype: torch.dtype, config, addrs=(), opened: dict | None = None):
         self.hop = hop
         self.reader, self.writer = reader, writer
         self.dtype = dtype
         self.config = config
+        self.addrs = list(addrs)
+        opened = opened or {}
+        self.session_id = opened.get("session")
+        # a peer that takes forwarded steps gives a key for them; older peers give none
+        key = opened.get("push_key")
+        self.push_key = key if isinstance(key, str) and type(self.session_id) is int else None
         self.steps = 0
+        self.pushed = False  # whether the peer pushed the last step's output on to the next hop
         self.drain_deadline: float | None = None  # set when the peer says in-band that it is leaving
+        self._reading: asyncio.Future | None = None  # the read of the next reply, never cut mid-message
 
     @classmethod
     async def open(cls, transport, hop: Hop, addrs, model_id: str, batch_size: int, max_length: int, config):
@@ -52,7 +64,7 @@ class SpanStream:
         except BaseException:
             writer.close()
             raise
-        return cls(hop, reader, writer, WIRE_DTYPES[dtype], config)
+        return cls(hop, reader, writer, WIRE_DTYPES[dtype], config, addrs, reply)
 
     @staticmethod
     async def _reply(reader, hop: Hop, timeout_s: float) -> dict:
@@ -69,16 +81,73 @@ class SpanStream:
             raise PeerRefused(text, peer=hop.peer_id)
         return reply
 
-    async def step(self, hidden, position_ids, valid, position: int) -> torch.Tensor:
-        """Send one step; return the peer's output hidden states ([batch, new, hidden], our dtype)."""
-        await write_message(self.writer, {
+    def push_target(self) -> dict | None:
+        """Where a previous peer pushes this hop's next step (None if the peer takes no forwarded steps)."""
+        if self.push_key is None:
+            return None
+        return {"peer": self.hop.peer_id, "addrs": self.addrs[:8], "session": self.session_id,
+                "key": self.push_key, "step": self.steps}
+
+    async def step(self, hidden, position_ids, valid, position: int, push=(), fallback: bool = False) -> torch.Tensor:
+        """Send one step; return the peer's output hidden states ([batch, new, hidden], our dtype).
+        `push`: the route's next hops (push targets) for the peer to send its output to."""
+        await self._send(hidden, position_ids, valid, position, push, fallback)
+        return await self._result(hidden, self._timeout_s(hidden))
+
+    async def forwarded_step(self, hidden, position_ids, valid, position: int, push=()) -> torch.Tensor:
+        """The result of a step the previous peer pushed here; `hidden` etc. are what it pushed (the
+        client's copy). Sends the step itself (fallback) if no result comes within the forward wait."""
+        tokens = hidden.shape[0] * hidden.shape[1]
+        wait_s = self.config.forward_wait_s + tokens * self.config.step_timeout_per_token_s
+        try:
+            reply = await self._await_reply(wait_s)
+        except TimeoutError:
+            await self._send(hidden, position_ids, valid, position, push, fallback=True)
+            return await self._result(hidden, self._timeout_s(hidden))
+        return self._check(reply, hidden)
+
+    def _timeout_s(self, hidden) -> float:
+        return self.config.step_timeout_s + hidden.shape[0] * hidden.shape[1] * self.config.step_timeout_per_token_s
+
+    async def _send(self, hidden, position_ids, valid, position: int, push, fallback: bool) -> None:
+        message = {
             "type": "step", "minor": PROTOCOL_MINOR, "step": self.steps, "position": position,
             "hidden": pack_tensor(hidden.to(self.dtype)), "position_ids": pack_tensor(position_ids),
             "valid": pack_tensor(valid),
-        })
-        tokens = hidden.shape[0] * hidden.shape[1]
-        timeout_s = self.config.step_timeout_s + tokens * self.config.step_timeout_per_token_s
-        reply = await self._reply(self.reader, self.hop, timeout_s)
+        }
+        if push:
+            message["push"] = list(push)
+        if fallback:
+            message["fallback"] = True
+        await write_message(self.writer, message)
+
+    async def _await_reply(self, timeout_s: float) -> dict:
+        """The next reply. On TimeoutError the read goes on (a later call gets the same reply), so a
+        message is never cut in the middle; a closed stream or a malformed reply is the peer's PeerError."""
+        if self._reading is None:
+            self._reading = asyncio.ensure_future(read_message(self.reader, REPLY_MAX_BYTES))
+        try:
+            reply = await asyncio.wait_for(asyncio.shield(self._reading), timeout=timeout_s)
+        except TimeoutError:
+            raise
+        except (asyncio.IncompleteReadError, ConnectionError) as e:
+            raise PeerError(f"stream closed: {e!r}", peer=self.hop.peer_id) from None
+        except ProtocolError as e:
+            raise PeerError(f"malformed reply: {e}", peer=self.hop.peer_id) from None
+        self._reading = None
+        return reply
+
+    async def _result(self, hidden, timeout_s: float) -> torch.Tensor:
+        try:
+            reply = await self._await_reply(timeout_s)
+        except TimeoutError:
+            raise PeerError(f"no reply within {timeout_s} s", peer=self.hop.peer_id) from None
+        return self._check(reply, hidden)
+
+    def _check(self, reply: dict, hidden) -> torch.Tensor:
+        """Error replies raise; a result is checked strictly and returned as a tensor."""
+        if reply.get("type") == "error":
+            raise PeerRefused(f"peer error ({reply.get('code')}): {reply.get('message')}", peer=self.hop.peer_id)
         try:
             out = unpack_tensor(reply.get("hidden"), "hidden", rank=3)
             deadline = reply.get("drain_deadline")
@@ -89,6 +158,7 @@ class SpanStream:
         if out.dtype != self.dtype or out.shape != hidden.shape or not torch.isfinite(out).all():
             raise PeerError(f"result of shape {list(out.shape)} (expected {list(hidden.shape)}) or not finite",
                             peer=self.hop.peer_id)
+        self.pushed = reply.get("pushed") is True
         self.steps += 1
         return out
 
@@ -99,4 +169,6 @@ class SpanStream:
         except (TimeoutError, ConnectionError, RuntimeError):
             pass
         finally:
+            if self._reading is not None:
+                self._reading.cancel()
             self.writer.close()

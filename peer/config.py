@@ -42,6 +42,7 @@ class PeerConfig:
     # timings
     session_idle_timeout_s: float = 300.0
     open_timeout_s: float = 30.0
+    forward_timeout_s: float = 2.0  # pushing a step to the next peer: connect and write, else the client sends it
     announce_period_s: float = 10.0
     record_ttl_s: float = 40.0
     # leaving (peer.drain): SIGTERM or a notice starts draining; the peer leaves when its last session

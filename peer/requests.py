@@ -21,6 +21,27 @@ class OpenRequest:
     max_length: int
 
 
+MAX_PUSH_HOPS = 256
+MAX_PUSH_ADDRS = 8
+MAX_ADDR_CHARS = 256
+PUSH_KEY_CHARS = 32
+
+
+@dataclass(frozen=True)
+class PushTarget:
+    """The next hop of a route, where a step's output goes straight after this peer computes it."""
+
+    peer: str
+    addrs: tuple[str, ...]
+    session: int
+    key: str
+    step: int
+
+    def as_dict(self) -> dict:
+        return {"peer": self.peer, "addrs": list(self.addrs), "session": self.session, "key": self.key,
+                "step": self.step}
+
+
 @dataclass(frozen=True)
 class StepRequest:
     step_id: int
@@ -28,6 +49,7 @@ class StepRequest:
     hidden: torch.Tensor  # [batch, new, hidden_size]
     position_ids: torch.Tensor  # [batch, new] int64
     valid: torch.Tensor  # [batch, new] bool
+    push: tuple[PushTarget, ...] = ()  # the rest of the route after this hop ("push"); empty: reply only
 
 
 def message_type(message: dict) -> str:
@@ -87,4 +109,31 @@ def parse_step(
             raise ProtocolError(f"{name}: shape {list(tensor.shape)}, expected [{batch_size}, {new}]")
     if position_ids.numel() and (position_ids.min() < 0 or position_ids.max() >= max_length):
         raise ProtocolError(f"position_ids: values must lie in [0, {max_length})")
-    return StepRequest(step_id, claimed, hidden, position_ids, valid)
+    return StepRequest(step_id, claimed, hidden, position_ids, valid, parse_push(message.get("push")))
+
+
+def parse_push(value) -> tuple[PushTarget, ...]:
+    """The optional "push" field of a step: the route's next hops, each checked before anyone dials it."""
+    if value is None:
+        return ()
+    hops = require(value, list, "push")
+    if len(hops) > MAX_PUSH_HOPS:
+        raise ProtocolError(f"field 'push': {len(hops)} hops, at most {MAX_PUSH_HOPS}")
+    targets = []
+    for i, hop in enumerate(hops):
+        hop = require(hop, dict, f"push[{i}]")
+        peer = require(hop.get("peer"), str, f"push[{i}].peer")
+        addrs = require(hop.get("addrs"), list, f"push[{i}].addrs")
+        if not 0 < len(peer) <= 128 or len(addrs) > MAX_PUSH_ADDRS:
+            raise ProtocolError(f"field 'push[{i}]': peer id of 1..128 chars and at most {MAX_PUSH_ADDRS} addrs")
+        for addr in addrs:
+            if not isinstance(addr, str) or not addr.startswith("/") or len(addr) > MAX_ADDR_CHARS:
+                raise ProtocolError(f"field 'push[{i}].addrs': multiaddr strings of at most {MAX_ADDR_CHARS} chars")
+        key = require(hop.get("key"), str, f"push[{i}].key")
+        if len(key) != PUSH_KEY_CHARS:
+            raise ProtocolError(f"field 'push[{i}].key': expected {PUSH_KEY_CHARS} chars")
+        targets.append(PushTarget(
+            peer, tuple(addrs), require_int(hop.get("session"), f"push[{i}].session", 0, 1 << 62), key,
+            require_int(hop.get("step"), f"push[{i}].step", 0, 1 << 62),
+        ))
+    return tuple(targets)

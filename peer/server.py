@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,6 +27,7 @@ from swarm.protocol import (
     ERROR_DRAINING,
     ERROR_PROTOCOL,
     ERROR_REFUSED,
+    FORWARD_HANDLER,
     INFERENCE_HANDLER,
     INFO_HANDLER,
     PROTOCOL_MAJOR,
@@ -33,6 +35,7 @@ from swarm.protocol import (
     error_message,
     pack_tensor,
     read_message,
+    require,
     write_message,
 )
 from swarm.runtime import KVBudget, SpanModel, load_span
@@ -43,12 +46,14 @@ from peer.announcer import Announcer
 from peer.config import PeerConfig
 from peer.memory import auto_cache_bytes, check_fits, describe, fmt, free_bytes
 from peer.drain import DrainingRefusal
+from peer.forward import ForwardLink, ForwardStats
 from peer.requests import message_type, parse_open, parse_step
 from peer.scheduler import Scheduler
 from peer.sessions import Session, SessionManager
 
 logger = logging.getLogger(__name__)
 
+FORWARD_BACKLOG = 8  # forwarded steps a session holds before it drops more (a confused or hostile pusher)
 FATAL_LINGER_S = 2.0  # after a fatal error, how long a client may take to read it and close
 
 
@@ -78,6 +83,7 @@ class PeerServer:
         self.identity: Identity | None = None
         self.compute_tokens_s = 1.0
         self.drain_deadline: float | None = None  # unix time this peer leaves; set once draining starts
+        self.forward_stats = ForwardStats()
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self._tasks: list[asyncio.Task] = []
         self.addrs: list[str] = []
@@ -134,6 +140,7 @@ class PeerServer:
             self.identity.close()  # an ephemeral key file is read once by p2pd at start
         await self.p2p.add_binary_stream_handler(INFERENCE_HANDLER, self._handle_inference)
         await self.p2p.add_binary_stream_handler(INFO_HANDLER, self._handle_info)
+        await self.p2p.add_binary_stream_handler(FORWARD_HANDLER, self._handle_forward)
         self.dht = await start_dht(self.p2p, settings, records.make_record_validator(self.identity))
         self.addrs = await visible_maddrs(self.p2p)
         await self.announcer.announce("joining")
@@ -193,7 +200,7 @@ class PeerServer:
             "type": "info",
             "version": swarm.__version__,
             "protocol": [PROTOCOL_MAJOR, PROTOCOL_MINOR],
-            "handlers": [INFERENCE_HANDLER, INFO_HANDLER],
+            "handlers": [INFERENCE_HANDLER, INFO_HANDLER, FORWARD_HANDLER],
             "model_id": self.model_id,
             "span": [self.span.start, self.span.end],
             "state": self.state,
@@ -217,6 +224,7 @@ class PeerServer:
                 "bytes_per_token_theory": self.sessions.span_token_bytes,
             },
             "scheduler": self.scheduler.stats.as_dict(),
+            "forward": self.forward_stats.as_dict(),
         }
         if self.span_model.device.type == "cuda":
             device = self.span_model.device
@@ -291,7 +299,10 @@ class PeerServer:
         except (ProtocolError, PeerRefused) as e:
             await self._send_fatal(reader, writer, _error_code(e), str(e))
             return None
-        opened = {"type": "opened", "session": session.session_id, "dtype": dtype_name(self.dtype)}
+        opened = {
+            "type": "opened", "session": session.session_id, "dtype": dtype_name(self.dtype),
+            "push_key": session.push_key,
+        }
         try:
             await write_message(writer, opened)
         except BaseException:  # the client left before the reply: the caller never sees this session
@@ -308,37 +319,104 @@ class PeerServer:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(_discard(reader), timeout=FATAL_LINGER_S)
 
+    async def _read_client(self, session: Session, reader) -> None:
+        """Move the client's messages into the session's inbox (beside forwarded steps); a read error
+        (framing broken, stream closed) goes in too, and ends the reading."""
+        try:
+            while True:
+                message = await read_message(reader, self.config.max_message_bytes)
+                session.inbox.put_nowait(("client", message))
+        except Exception as e:
+            session.inbox.put_nowait(("client", e))
+
     async def _serve_steps(self, session: Session, reader, writer) -> None:
-        while True:
-            try:
+        reading = asyncio.create_task(self._read_client(session, reader))
+        link = ForwardLink(self.p2p, self.config.forward_timeout_s)
+        try:
+            while True:
+                source, message = await asyncio.wait_for(session.inbox.get(), self.config.session_idle_timeout_s)
+                if isinstance(message, ProtocolError):  # framing broken or oversized: the stream can't be trusted
+                    await self._send_fatal(reader, writer, ERROR_PROTOCOL, str(message))
+                    return
+                if isinstance(message, BaseException):
+                    raise message
+                session.last_used_s = time.monotonic()
+                if not await self._serve_step(session, source, message, writer, link):
+                    return
+        finally:
+            reading.cancel()
+            link.close()
+
+    async def _serve_step(self, session: Session, source: str, message: dict, writer, link: ForwardLink) -> bool:
+        """Run one message of the inbox; False when the client said goodbye."""
+        try:
+            kind = message_type(message)
+            if kind == "close" and source == "client":
+                return False
+            if kind != "step":
+                raise ProtocolError(f"unknown message type {kind!r} (expected 'step' or 'close')")
+            if source == "forward" and message.get("position") != session.position:
+                self.forward_stats.duplicates += 1  # the client's own copy ran first (or the pusher is confused)
+                return True
+            if source == "client" and message.get("fallback") is True and message.get("position") == session.forwarded_at:
+                self.forward_stats.duplicates += 1  # the forwarded copy ran already, and its result went out
+                return True
+            request = parse_step(
+                message, batch_size=session.batch_size, hidden_size=self.model_config.hidden_size,
+                dtype_name=dtype_name(self.dtype), position=session.position,
+                max_length=session.max_length, max_tokens_per_step=self.config.max_tokens_per_step,
+            )
+        except ProtocolError as e:
+            if source == "forward":  # the client did not send it: it times out and sends the step itself
+                logger.info("dropped a bad forwarded step for session %s: %s", session.session_id, e)
+            else:
+                await write_message(writer, error_message(ERROR_PROTOCOL, str(e)))
+            return True
+        at = session.position
+        hidden = pack_tensor(
+            await self.scheduler.submit(session.cache, request.hidden, request.position_ids, request.valid)
+        )
+        if source == "forward":
+            session.forwarded_at = at
+            self.forward_stats.received += 1
+        pushed = False
+        if request.push:
+            step = {"position": at, "hidden": hidden,  # every hop holds the same positions
+                    "position_ids": message["position_ids"], "valid": message["valid"]}
+            pushed = await link.send(step, request.push[0], request.push[1:])
+            if pushed:
+                self.forward_stats.pushed += 1
+            else:
+                self.forward_stats.push_failed += 1
+        result = {"type": "result", "step": request.step_id, "position": session.position, "hidden": hidden}
+        if request.push:
+            result["pushed"] = pushed
+        # in-band drain notice: the client learns it on this step, whatever the DHT says
+        await write_message(writer, {**result, **self._drain_fields()})
+        return True
+
+    async def _handle_forward(self, stream_info, reader, writer) -> None:
+        """Steps pushed by the previous peer of a route: each names a session here and shows its push key."""
+        try:
+            while True:
                 message = await asyncio.wait_for(
                     read_message(reader, self.config.max_message_bytes), timeout=self.config.session_idle_timeout_s
                 )
-            except ProtocolError as e:  # framing broken or oversized: the stream cannot be trusted further
-                await self._send_fatal(reader, writer, ERROR_PROTOCOL, str(e))
-                return
-            session.last_used_s = time.monotonic()
-            try:
-                kind = message_type(message)
-                if kind == "close":
+                try:
+                    session = self.sessions.get(require(message.get("session"), int, "session"))
+                    key = require(message.get("key"), str, "key")
+                except ProtocolError as e:
+                    logger.info("bad forwarded step from %s: %s", stream_info.peer_id, e)
                     return
-                if kind != "step":
-                    raise ProtocolError(f"unknown message type {kind!r} (expected 'step' or 'close')")
-                request = parse_step(
-                    message, batch_size=session.batch_size, hidden_size=self.model_config.hidden_size,
-                    dtype_name=dtype_name(self.dtype), position=session.position,
-                    max_length=session.max_length, max_tokens_per_step=self.config.max_tokens_per_step,
-                )
-            except ProtocolError as e:
-                await write_message(writer, error_message(ERROR_PROTOCOL, str(e)))
-                continue
-            hidden = await self.scheduler.submit(session.cache, request.hidden, request.position_ids, request.valid)
-            result = {
-                "type": "result", "step": request.step_id, "position": session.position,
-                "hidden": pack_tensor(hidden),
-            }
-            # in-band drain notice: the client learns it on this step, whatever the DHT says
-            await write_message(writer, {**result, **self._drain_fields()})
+                if session is None or not secrets.compare_digest(key, session.push_key):
+                    logger.debug("forwarded step for an unknown session or with a wrong key; dropped")
+                    continue
+                if session.inbox.qsize() < FORWARD_BACKLOG:
+                    session.inbox.put_nowait(("forward", message))
+        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError, ProtocolError) as e:
+            logger.debug("forward stream from %s ended: %r", stream_info.peer_id, e)
+        finally:
+            writer.close()
 
 
 def _error_code(e: ProtocolError | PeerRefused) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +35,12 @@ class Session:
     max_length: int
     cache: KVCache
     last_used_s: float = field(default_factory=time.monotonic)
+    # server-to-server steps: the key a previous peer must show to push steps here (told to the client
+    # in "opened"), the steps waiting to run (("client" | "forward", message or exception)), and the
+    # position of the last step that ran from a forwarded copy (its client fallback copy is dropped)
+    push_key: str = field(default_factory=lambda: secrets.token_hex(16))
+    inbox: asyncio.Queue = field(default_factory=asyncio.Queue)
+    forwarded_at: int | None = None
 
     @property
     def position(self) -> int:
@@ -110,6 +117,9 @@ class SessionManager:
         self._sessions[session.session_id] = session
         self._empty.clear()
         return session
+
+    def get(self, session_id: int) -> Session | None:
+        return self._sessions.get(session_id)
 
     def close(self, session: Session | None) -> None:
         if session is not None and self._sessions.pop(session.session_id, None) is not None:

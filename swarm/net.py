@@ -8,7 +8,7 @@ loop, and p2pd gets a parent-death signal, so a crashed peer leaves nothing behi
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import contextvars
 import ctypes
 import logging
 import signal
@@ -25,27 +25,28 @@ from swarm.errors import ConfigError
 _PR_SET_PDEATHSIG = 1
 # hivemind logs every identity check and daemon start at INFO; our own lines say what matters
 logging.getLogger("hivemind.p2p.p2p_daemon").setLevel(logging.WARNING)
-_spawn_lock = asyncio.Lock()
+# set while start_p2p runs (context variables follow the tasks it creates): subprocesses that asyncio
+# spawns then get a parent-death signal; every other subprocess of the process is left alone
+_die_with_us: contextvars.ContextVar[bool] = contextvars.ContextVar("swarm_die_with_us", default=False)
 
 
 def _die_with_parent() -> None:  # runs in the forked child before exec
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-@contextlib.contextmanager
-def _children_die_with_us():
-    """Make subprocesses spawned by asyncio in this block receive SIGKILL when this process dies."""
+def _install_spawn_hook() -> None:
+    """Wrap asyncio's create_subprocess_exec once per process (safe from any thread or event loop)."""
     original = asyncio.subprocess.create_subprocess_exec
+    if getattr(original, "_swarm_hook", False):
+        return
 
     async def spawn(*args, **kwargs):
-        kwargs.setdefault("preexec_fn", _die_with_parent)
+        if _die_with_us.get():
+            kwargs.setdefault("preexec_fn", _die_with_parent)
         return await original(*args, **kwargs)
 
+    spawn._swarm_hook = True
     asyncio.subprocess.create_subprocess_exec = spawn
-    try:
-        yield
-    finally:
-        asyncio.subprocess.create_subprocess_exec = original
 
 
 @dataclass
@@ -73,12 +74,14 @@ async def start_p2p(settings: NodeSettings) -> P2P:
     )
     if settings.client_mode:
         kwargs["host_maddrs"] = ["/ip4/127.0.0.1/tcp/0"]
-    async with _spawn_lock:
-        with _children_die_with_us():
-            try:
-                return await P2P.create(**kwargs)
-            except Exception as e:  # p2pd reports failures as bare exceptions with its own text
-                raise ConfigError(_explain_p2p_failure(e, settings)) from e
+    _install_spawn_hook()
+    token = _die_with_us.set(True)
+    try:
+        return await P2P.create(**kwargs)
+    except Exception as e:  # p2pd reports failures as bare exceptions with its own text
+        raise ConfigError(_explain_p2p_failure(e, settings)) from e
+    finally:
+        _die_with_us.reset(token)
 
 
 def _explain_p2p_failure(error: Exception, settings: NodeSettings) -> str:

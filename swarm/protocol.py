@@ -12,6 +12,16 @@ ProtocolError naming the field, which the peer answers with an error message.
 Draining: a peer that is leaving refuses new sessions (error code ERROR_DRAINING, fatal), and every
 "result" it sends while draining carries "drain_deadline" (float, unix time it leaves), as does its
 "info"; older clients ignore the unknown field.
+
+Server-to-server steps: a "step" may carry "push", the rest of the route after this hop: a list of
+{"peer", "addrs", "session", "key", "step"} (the next hops' peer ids, addresses, session ids, the
+session's push key from its "opened" reply, and the step id that hop expects). After computing, the
+peer sends the step on to push[0] over FORWARD_HANDLER (the same "step" message plus "session" and
+"key", with "push" = push[1:]) before replying to its client with "pushed": true. The next peer runs a
+forwarded step exactly as if its client had sent it and replies to its own client. A client whose
+hop reported "pushed": false, or whose forwarded step has not come back in time, sends the step itself
+with "fallback": true; a peer drops such a step when the forwarded copy of it has already run, and
+drops a forwarded step whose position its session has passed.
 """
 
 from __future__ import annotations
@@ -26,9 +36,10 @@ import torch
 from swarm.errors import ProtocolError
 
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 0
+PROTOCOL_MINOR = 1  # 1: server-to-server steps (push / forward)
 INFERENCE_HANDLER = f"/swarm/v{PROTOCOL_MAJOR}/inference"
 INFO_HANDLER = f"/swarm/v{PROTOCOL_MAJOR}/info"
+FORWARD_HANDLER = f"/swarm/v{PROTOCOL_MAJOR}/forward"  # peer to peer: steps pushed along the route
 
 # codes of {"type": "error"} replies
 ERROR_PROTOCOL = "protocol"  # the request failed the strict decoder; fix the sender

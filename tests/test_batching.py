@@ -261,8 +261,6 @@ def test_admission_waits_then_refuses_or_admits(span_models):
 # ---------------------------------------------------------------- end to end
 
 
-@pytest.mark.skip(reason="several client models in one process race on the shared client loop's transport start "
-                  "(asyncio lock bound to another loop); fix the client, then enable")
 def test_clients_at_once_get_local_tokens_in_shared_forwards(inprocess_swarm, tiny_model_path):
     path = tiny_model_path("llama")
     servers = inprocess_swarm.start_peers(path, ["0:3", "3:6"])

@@ -1,0 +1,76 @@
+"""Server-to-server steps: a session's stream to the next peer of its client's route.
+
+After a step runs, the peer sends its output on to the next hop (FORWARD_HANDLER) before replying to
+its client, so the next peer can start without waiting for the client's round trip. One `ForwardLink`
+per session keeps that stream open across steps and opens a new one when the client's route changes
+(failover). A push that cannot be made is reported (`send` returns False) and the client sends the
+step itself: a broken next hop costs the old client round trip, never a lost step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import asdict, dataclass
+
+from hivemind.p2p import PeerID
+
+from swarm.net import connect
+from swarm.protocol import FORWARD_HANDLER, PROTOCOL_MINOR, write_message
+
+from peer.requests import PushTarget
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ForwardStats:
+    """Counts for `info` (tests and the health page read them)."""
+
+    pushed: int = 0  # steps this peer sent on to the next hop
+    push_failed: int = 0  # pushes that could not be made (the client sent those steps itself)
+    received: int = 0  # forwarded steps that ran here
+    duplicates: int = 0  # copies dropped: a forwarded step after the client's own, or a fallback after the forward
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class ForwardLink:
+    def __init__(self, p2p, connect_timeout_s: float):
+        self.p2p = p2p
+        self.connect_timeout_s = connect_timeout_s
+        self._target: tuple[str, int] | None = None  # (peer, session) the open stream leads to
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def send(self, step: dict, target: PushTarget, rest: tuple[PushTarget, ...]) -> bool:
+        """Push `step` (a "step" message without its route fields) to `target`; True once it is written."""
+        message = {
+            **step, "type": "step", "minor": PROTOCOL_MINOR, "session": target.session, "key": target.key,
+            "step": target.step, "push": [t.as_dict() for t in rest],
+        }
+        try:
+            if self._target != (target.peer, target.session) or self._writer is None:
+                self.close()
+                self._writer = await self._open(target)
+                self._target = (target.peer, target.session)
+            await asyncio.wait_for(write_message(self._writer, message), timeout=self.connect_timeout_s)
+            return True
+        except Exception as e:  # any failure to reach the next hop: the client sends the step instead
+            logger.info("could not push a step to %s: %r", target.peer[-6:], e)
+            self.close()
+            return False
+
+    async def _open(self, target: PushTarget) -> asyncio.StreamWriter:
+        peer_id = PeerID.from_base58(target.peer)
+        if target.addrs:
+            await connect(self.p2p, peer_id, target.addrs, self.connect_timeout_s)
+        _, reader, writer = await asyncio.wait_for(
+            self.p2p.call_binary_stream_handler(peer_id, FORWARD_HANDLER), timeout=self.connect_timeout_s
+        )
+        return writer
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._writer, self._target = None, None

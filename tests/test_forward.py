@@ -1,0 +1,174 @@
+"""Server-to-server steps: peers push each step's output straight to the next hop of the route.
+
+Real in-process peers (p2pd, DHT, PeerServer) on a three-hop route; the client is the real
+DistributedModelForCausalLM. Checks: tokens equal local transformers with pushing on and off, the
+steps really travel peer to peer (the peers' counters), a next hop that cannot take pushes or loses
+them falls back to the client path with the same tokens, and bad forwarded messages harm nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.generation.streamers import BaseStreamer
+
+from client import ClientConfig, DistributedModelForCausalLM, loop
+from swarm.protocol import FORWARD_HANDLER, PROTOCOL_MINOR, pack_tensor, write_message
+
+MODEL_ID = "forward-llama"
+SPANS = ["0:2", "2:4", "4:6"]
+PROMPT = torch.tensor([[1, 17, 230, 45, 99, 4, 310, 7]])
+NEW_TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def env(inprocess_swarm, tiny_model_path):
+    path = tiny_model_path("llama")
+    servers = inprocess_swarm.start_peers(path, SPANS, model_id=MODEL_ID)
+    local = AutoModelForCausalLM.from_pretrained(path).eval()
+    expected = local.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    clients = []
+
+    def client(**fields):
+        config = ClientConfig(initial_peers=tuple(inprocess_swarm.initial_peers), model_id=MODEL_ID,
+                              step_timeout_s=10, **fields)
+        clients.append(DistributedModelForCausalLM.from_pretrained(path, client_config=config))
+        return clients[-1]
+
+    try:
+        yield inprocess_swarm, servers, expected, client
+    finally:
+        for c in clients:
+            c.shutdown()
+        for server in servers:
+            inprocess_swarm.stop_peer(server)
+
+
+class AtToken(BaseStreamer):
+    """Runs `action` when generate emits its token number `at` (1 = the first new token)."""
+
+    def __init__(self, at: int, action):
+        self.at, self.action, self.calls = at, action, 0
+
+    def put(self, value):
+        self.calls += 1
+        if self.calls - 1 == self.at:
+            self.action()
+
+    def end(self):
+        pass
+
+
+def generate(model, servers, streamer=None) -> torch.Tensor:
+    """Greedy tokens through the three-hop route (checked to be exactly `servers`, with no recovery)."""
+    with model.inference_session(max_length=PROMPT.shape[1] + NEW_TOKENS) as session:
+        out = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, streamer=streamer)
+        assert [h.peer_id for h in session.hops] == [s.peer_id for s in servers], "route changed"
+        assert session.recoveries == 0
+    return out
+
+
+def counts(servers) -> list[dict]:
+    return [dict(vars(s.forward_stats)) for s in servers]
+
+
+def delta(before: list[dict], after: list[dict]) -> list[dict]:
+    return [{k: a[k] - b[k] for k in a} for b, a in zip(before, after, strict=True)]
+
+
+def test_steps_travel_peer_to_peer_with_local_tokens(env):
+    swarm, servers, expected, client = env
+    model = client()
+    before = counts(servers)
+    assert torch.equal(generate(model, servers), expected)
+    steps = NEW_TOKENS  # the prompt's step and NEW_TOKENS - 1 decode steps
+    first, middle, last = delta(before, counts(servers))
+    assert first["pushed"] == steps and first["received"] == 0, first
+    assert middle["received"] == steps and middle["pushed"] == steps, middle
+    assert last["received"] == steps and last["pushed"] == 0, last
+    assert all(d["push_failed"] == 0 and d["duplicates"] == 0 for d in (first, middle, last))
+
+
+def test_pushing_off_sends_every_hop_from_the_client(env):
+    swarm, servers, expected, client = env
+    model = client(server_to_server=False)
+    before = counts(servers)
+    assert torch.equal(generate(model, servers), expected)
+    assert all(d == {k: 0 for k in d} for d in delta(before, counts(servers)))
+
+
+def test_next_hop_without_forwarding_falls_back_to_the_client(env):
+    """The last peer stops taking forwarded steps: the middle peer's pushes fail, it says so in its
+    result, and the client sends the last hop each step itself."""
+    swarm, servers, expected, client = env
+    model = client()
+    last = servers[2]
+    swarm._run(last.p2p.remove_binary_stream_handler(FORWARD_HANDLER))
+    try:
+        before = counts(servers)
+        assert torch.equal(generate(model, servers), expected)
+        first, middle, end = delta(before, counts(servers))
+    finally:
+        swarm._run(last.p2p.add_binary_stream_handler(FORWARD_HANDLER, last._handle_forward))
+    assert middle["received"] == NEW_TOKENS and middle["push_failed"] == NEW_TOKENS, middle
+    assert end["received"] == 0, end
+
+
+def test_lost_pushes_fall_back_after_the_forward_wait(env, monkeypatch):
+    """The middle peer swallows forwarded steps (a push that says it was made but never arrives): the
+    client waits forward_wait_s, sends the step itself, and the tokens are the same."""
+    swarm, servers, expected, client = env
+    model = client(forward_wait_s=0.2)
+    middle = servers[1]
+
+    async def swallow(stream_info, reader, writer):
+        while await reader.read(1 << 16):
+            pass
+
+    swarm._run(middle.p2p.remove_binary_stream_handler(FORWARD_HANDLER))
+    swarm._run(middle.p2p.add_binary_stream_handler(FORWARD_HANDLER, swallow))
+    try:
+        before = counts(servers)
+        assert torch.equal(generate(model, servers), expected)
+        first, mid, last = delta(before, counts(servers))
+    finally:
+        swarm._run(middle.p2p.remove_binary_stream_handler(FORWARD_HANDLER))
+        swarm._run(middle.p2p.add_binary_stream_handler(FORWARD_HANDLER, middle._handle_forward))
+    assert first["pushed"] == NEW_TOKENS and mid["received"] == 0, (first, mid)
+    assert last["received"] == NEW_TOKENS, last  # the middle peer still pushes what the client sent it
+
+
+def test_bad_forwarded_messages_harm_nothing(env):
+    """Unknown session, wrong key, wrong position, garbage, sent mid-generation to the middle peer:
+    dropped; the peer and the session go on with the same tokens."""
+    swarm, servers, expected, client = env
+    model = client()
+    target = servers[1]
+    hidden_size = target.model_config.hidden_size
+    transport = loop.run(model.transport())
+
+    async def send_junk():
+        reader, writer = await transport.open_stream(target.peer_id, target.addrs, FORWARD_HANDLER, 10)
+        session = next(iter(target.sessions._sessions.values()))
+        step = {
+            "type": "step", "minor": PROTOCOL_MINOR, "step": 0, "position": session.position,
+            "hidden": pack_tensor(torch.randn(1, 1, hidden_size)),
+            "position_ids": pack_tensor(torch.tensor([[session.position]])),
+            "valid": pack_tensor(torch.ones(1, 1, dtype=torch.bool)),
+        }
+        await write_message(writer, {**step, "session": 10**9, "key": session.push_key})  # unknown session
+        await write_message(writer, {**step, "session": session.session_id, "key": "0" * 32})  # wrong key
+        await write_message(writer, {**step, "session": session.session_id, "key": session.push_key,
+                                     "position": session.position + 5})  # a position the session is not at
+        writer.write(b"\x00\x00\x00\x05junk!")  # not msgpack: the stream is dropped
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        writer.close()
+
+    before = counts(servers)
+    out = generate(model, servers, AtToken(3, lambda: loop.run(send_junk(), 30)))
+    assert torch.equal(out, expected)
+    assert delta(before, counts(servers))[1]["duplicates"] == 1  # the wrong position; the others never got in
