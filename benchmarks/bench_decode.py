@@ -11,7 +11,8 @@ Method:
   * decode only: a streamer stamps every new token; decode rate = (N - 1) / (t_token_N - t_token_1),
     which leaves prefill and route opening out; --repeats runs, medians reported;
   * per-hop overhead: least-squares slope of the decode step time over the number of peers (the
-    compute is the same for every split), and the 1-peer step time minus the local one;
+    compute is the same for every split), and the 1-peer step time minus the local one; measured with
+    server-to-server steps (the default: n + 1 hops a step) and again on the client path (2n hops);
   * one more generation per swarm with timing probes on both sides of each hop (benchmarks/probe.py):
     where a decode step's time goes (generate loop, head, sync facade, codec, wire, compute).
 
@@ -73,6 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch CPU threads here (local model, client) and in each peer (--num-threads)")
     p.add_argument("--work-dir", help="where checkpoints go (kept; an 8B one there is reused); default: temp")
     p.add_argument("--no-breakdown", action="store_true", help="skip the probed generation per swarm")
+    p.add_argument("--peer-flags", default="", help="more `swarm peer` flags, e.g. --peer-flags=--no-cuda-graphs")
     p.add_argument("--startup-timeout-s", type=float, default=300.0)
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
@@ -305,18 +307,29 @@ def measure_swarm(swarm: ProbedSwarm, model_path: Path, spans: list[str], prompt
     peers = swarm.start_probed_peers(spans)
     log(f"{what}: peers ready in {time.monotonic() - start:.1f} s")
     ids = [peer_id for _, peer_id, _ in peers]
-    config = ClientConfig(initial_peers=tuple(swarm.initial_peers), blocked_peers=tuple(blocked),
-                          wait_for_route_s=60)
-    model = DistributedModelForCausalLM.from_pretrained(
-        model_path, client_config=config, dtype=getattr(torch, args.dtype), device=args.device
-    )
+    result = {"spans": spans}
     try:
-        runs, steps_ms, tokens = timed_runs(model, prompt, args, what)
-        result = {"spans": spans, **figures(runs, steps_ms), "tokens_equal_local": tokens == local_tokens}
-        if not args.no_breakdown:
-            result["breakdown"] = probed_generation(model, prompt, args, [f for _, _, f in peers], ids)
+        # server-to-server steps (the default), then the client path (every hop sent by the client) for
+        # comparison; the probed breakdown follows the client path, whose hops the client probes see
+        for server_to_server in (True, False):
+            config = ClientConfig(initial_peers=tuple(swarm.initial_peers), blocked_peers=tuple(blocked),
+                                  wait_for_route_s=60, server_to_server=server_to_server)
+            model = DistributedModelForCausalLM.from_pretrained(
+                model_path, client_config=config, dtype=getattr(torch, args.dtype), device=args.device
+            )
+            try:
+                name = what if server_to_server else f"{what} client path"
+                runs, steps_ms, tokens = timed_runs(model, prompt, args, name)
+                figs = {**figures(runs, steps_ms), "tokens_equal_local": tokens == local_tokens}
+                if server_to_server:
+                    result.update(figs)
+                else:
+                    result["client_path"] = figs
+                    if not args.no_breakdown:
+                        result["breakdown"] = probed_generation(model, prompt, args, [f for _, _, f in peers], ids)
+            finally:
+                model.shutdown()
     finally:
-        model.shutdown()
         for proc, _, _ in peers:
             proc.stop()
         blocked.extend(ids)
@@ -449,6 +462,9 @@ def summarize(local: dict, swarms: dict[int, dict]) -> dict:
         slope, intercept = least_squares(list(swarms), [r["step_ms"] for r in swarms.values()])
         out["per_extra_peer_ms"] = round(slope, 3)
         out["fit_intercept_ms"] = round(intercept, 3)
+        paths = [r["client_path"]["step_ms"] for r in swarms.values()]
+        out["per_extra_peer_ms_client_path"] = round(least_squares(list(swarms), paths)[0], 3)
+    out["client_path_step_ms"] = {str(n): round(r["client_path"]["step_ms"], 3) for n, r in swarms.items()}
     per_hop = {str(n): round(statistics.median(h["round_trip_minus_compute"] for h in hops), 3)
                for n, r in swarms.items() if (hops := r.get("breakdown", {}).get("per_hop_ms"))}
     if per_hop:
@@ -471,12 +487,13 @@ def run(args, work: Path) -> dict:
     result = {
         "benchmark": "decode", "machine": machine_info(args.device), "model": model_info(config, model_path),
         "settings": {"dtype": args.dtype, "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens,
-                     "repeats": args.repeats, "peers": args.peers, "greedy": True, "batch_size": 1},
+                     "repeats": args.repeats, "peers": args.peers, "greedy": True, "batch_size": 1,
+                     "peer_flags": args.peer_flags},
     }
     runs, steps_ms, local_tokens = timed_runs(local_model, prompt, args, "local")
     split = local_split(local_model, prompt, args.new_tokens)
     swarms = {}
-    with ProbedSwarm(model_path, work, ["--device", args.device, "--dtype", args.dtype],
+    with ProbedSwarm(model_path, work, ["--device", args.device, "--dtype", args.dtype, *args.peer_flags.split()],
                      startup_timeout_s=args.startup_timeout_s, peer_threads=args.threads) as swarm:
         blocked: list[str] = []  # the peers of earlier splits: stopped, and never routed through
         for n in args.peers:

@@ -6,16 +6,21 @@ file explains every figure. Baselines (local transformers, and C = 1) are measur
 
   1. single stream: greedy decode tokens/s of `generate` through the swarm against local transformers
      eager `generate` (same checkpoint, device, dtype, prompt; EOS disabled); bench_decode's method;
-  2. C concurrent sessions, each in its own thread driving `InferenceSession.step` of one shared client
-     (several clients when the peers' per-client session limit is below C): every session prefills its
-     own random prompt, all wait at a barrier, then all decode N - 1 steps at once. Aggregate tokens/s =
-     C x (N - 1) / (barrier to the last session's last token); step latencies over all sessions' steps;
-     greedy tokens of session 0 (prompt 0) against the same prompt decoded alone (the C = 1 run), and
-     of every session against local transformers (all prompts in one local `generate`);
+  2. C concurrent sessions spread evenly over min(C, --client-procs) client worker processes (spawned
+     and warmed up once; each its own client model, p2pd, event loop and GIL, as C users would be C
+     machines; --client-procs 1 puts all sessions in one process), one thread per session driving
+     `InferenceSession.step` (several client models in a worker when the peers' per-client session
+     limit is below its share): every session prefills its own random prompt, all sessions of all
+     workers wait at one cross-process barrier, then all decode N - 1 steps at once. Aggregate
+     tokens/s = C x (N - 1) / (barrier to the last session's last token; `time.monotonic` is one clock
+     for all processes); step latencies over all sessions' steps; greedy tokens of session 0
+     (prompt 0) against the same prompt decoded alone (the C = 1 run, one process), and of every
+     session against local transformers (all prompts in one local `generate`);
   3. time to first token of a long prompt: `generate(max_new_tokens=1)`, call to return, after a warm-up
      (through the swarm: route planning and stream opening included; measured after step 2);
-  4. with the largest C's sessions still open: each peer's `info` (kv_cache, device_memory, when the
-     peer reports them) against 2 x blocks x kv_heads x head_dim x dtype bytes per cached token.
+  4. with the largest C's sessions still open (the workers close them only when told): each peer's
+     `info` (kv_cache, device_memory, when the peer reports them) against 2 x blocks x kv_heads x
+     head_dim x dtype bytes per cached token.
 
     python benchmarks/bench_serving.py                                     # CPU, tiny Llama, C = 1,8,32,64
     python benchmarks/bench_serving.py --device cuda --dtype bfloat16 --llama8b
@@ -24,7 +29,9 @@ file explains every figure. Baselines (local transformers, and C = 1) are measur
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import multiprocessing
 import os
 import statistics
 import subprocess
@@ -66,13 +73,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: local model, client head, peers")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on CPU, bfloat16 otherwise")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads here and in each peer")
+    p.add_argument("--client-procs", type=int, default=4,
+                   help="client worker processes the C sessions are spread over (min(C, this) take part)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads here, in each client and peer")
     p.add_argument("--work-dir", help="where checkpoints go (kept; an 8B one there is reused); default: temp")
     p.add_argument("--startup-timeout-s", type=float, default=300.0)
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     args.concurrency = sorted({1, *(int(c) for c in args.concurrency.split(","))})
     args.ttft_prompt_tokens = args.ttft_prompt_tokens or (512 if args.device == "cpu" else 2048)
+    if args.client_procs < 1:
+        p.error("--client-procs must be >= 1")
     if args.new_tokens < 3:
         p.error("--new-tokens must be >= 3 (a decode rate needs two decode steps)")
     return args
@@ -168,51 +179,190 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     return out
 
 
-def concurrent_run(c: int, clients: list, per_client: int, prompts, args, pids, while_open=None) -> dict:
-    """C sessions at once, one thread each; `while_open()` runs after the decode, sessions still open."""
-    per_client = min(per_client, c)
-    max_length = args.prompt_tokens + args.new_tokens
-    # model.inference_session() allows one active session per model; the others are made directly
-    owners = [clients[i // per_client] for i in range(c)]
-    sessions = [InferenceSession(owner, max_length) for owner in owners]
-    marks: list[tuple[float, dict]] = []  # decode starts: (t0, CPU seconds of the processes)
-    barrier = threading.Barrier(c, action=lambda: marks.append((time.monotonic(), cpu_seconds(pids))))
-    outs = [{} for _ in range(c)]
-    threads = [threading.Thread(target=drive, daemon=True, args=(
-        owners[i], sessions[i], prompts[i : i + 1], args.new_tokens - 1, barrier, outs[i])) for i in range(c)]
-    opened = time.monotonic()
+# ---------------------------------------------------------------- client worker processes
+
+
+def spread(c: int, procs: int) -> list[list[int]]:
+    """Session indices (= prompt rows) of each worker, round robin: even shares, session 0 on worker 0."""
+    return [list(range(w, c, procs)) for w in range(procs)]
+
+
+def client_worker(conn, start, model_path: Path, initial_peers: list[str], n_clients: int, per_client: int,
+                  prompts: list[list[int]], args) -> None:
+    """A client process (spawned): builds its client models (transports started) and warms them up,
+    says "ready", then serves one run per list of session indices it receives, until None."""
+    torch.set_num_threads(args.threads)
+    prompts = torch.tensor(prompts, device=args.device)
+    clients = []
     try:
+        for _ in range(n_clients):
+            clients.append(new_client(model_path, initial_peers, args))
+            warm_up(clients[-1], prompts[:1], args)
+        conn.send("ready")
+        while (indices := conn.recv()) is not None:
+            owners = [clients[j // per_client] for j in range(len(indices))]  # at most per_client each
+            serve_run(owners, [prompts[i : i + 1] for i in indices], start, conn, args)
+    except BaseException:
+        start.abort()  # nobody waits for a worker that is gone
+        raise
+    finally:
+        for client in clients:
+            client.shutdown()
+
+
+def warm_up(client, prompt: torch.Tensor, args) -> None:
+    """One session of a run's length, alone: a fresh process's first steps are slow (first calls)."""
+    out = {}
+    with InferenceSession(client, args.prompt_tokens + args.new_tokens) as session:
+        drive(client, session, prompt, args.new_tokens - 1, threading.Barrier(1), out)  # nothing to wait for
+    if "error" in out:
+        raise out["error"]
+
+
+def serve_run(owners: list, prompts: list[torch.Tensor], start, conn, args) -> None:
+    """A worker's share of one run, a thread per session: prefill, meet every worker's sessions at the
+    cross-process barrier `start`, decode. The reply goes back with the sessions still open; they close
+    when the parent says so (after it has read the peers' info)."""
+    sessions = [InferenceSession(owner, args.prompt_tokens + args.new_tokens) for owner in owners]
+    arrived: list[float] = []
+
+    def meet() -> None:  # once all sessions here have prefilled: wait for the other workers' sessions
+        arrived.append(time.monotonic())
+        start.wait(timeout=600)
+
+    outs = [{} for _ in owners]
+    errors: list[BaseException] = []
+    if owners:
+        barrier = threading.Barrier(len(owners), action=meet)
+        threads = [threading.Thread(target=drive, daemon=True, args=(
+            owner, session, prompt, args.new_tokens - 1, barrier, out))
+            for owner, session, prompt, out in zip(owners, sessions, prompts, outs, strict=True)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+        errors = [o.pop("error") for o in outs if "error" in o]
+    else:  # no session here in this run (C < workers), still a party of the barrier
+        try:
+            meet()
+        except threading.BrokenBarrierError as e:
+            errors = [e]
+    if errors:
+        start.abort()  # the other workers and the parent stop waiting
+    errors.sort(key=lambda e: isinstance(e, threading.BrokenBarrierError))  # the cause first
+    conn.send({"outs": outs, "arrived": arrived, "errors": [repr(e) for e in errors]})
+    conn.recv()  # "close"
+    for s in sessions:
+        s.close()
+    conn.send("closed")
+
+
+class ClientPool:
+    """`size` client worker processes ("spawn" context), each with its own client models, p2pd, event
+    loop and GIL; `start` is a run's cross-process barrier: one party per worker, and this process."""
+
+    def __init__(self, size: int, model_path: Path, initial_peers: list[str], n_clients: int, per_client: int,
+                 prompts: torch.Tensor, args):
+        ctx = multiprocessing.get_context("spawn")
+        self.start = ctx.Barrier(size + 1)
+        self.workers: list[tuple] = []  # (pipe end, process)
+        try:
+            for w in range(size):
+                conn, child = ctx.Pipe()
+                proc = ctx.Process(target=client_worker, name=f"client{w}", daemon=True, args=(
+                    child, self.start, model_path, initial_peers, n_clients, per_client, prompts.tolist(),
+                    args))
+                proc.start()
+                child.close()
+                self.workers.append((conn, proc))
+            self.receive_all(timeout_s=args.startup_timeout_s)  # every "ready"
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> ClientPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return {proc.name: proc.pid for _, proc in self.workers}
+
+    def send_all(self, messages: list) -> None:
+        for (conn, _), message in zip(self.workers, messages, strict=True):
+            conn.send(message)
+
+    def receive_all(self, timeout_s: float = 660.0) -> list:
+        return [self._receive(conn, proc, timeout_s) for conn, proc in self.workers]
+
+    @staticmethod
+    def _receive(conn, proc, timeout_s: float):
+        try:
+            if conn.poll(timeout_s):
+                return conn.recv()
+        except EOFError:
+            pass
+        raise RuntimeError(f"{proc.name}: no reply within {timeout_s} s (exit code {proc.exitcode})")
+
+    def close(self) -> None:
+        """Each worker shuts its clients down (their p2pd) and exits; one that does not is terminated."""
+        for conn, proc in self.workers:
+            if proc.is_alive():
+                conn.send(None)
+        for _, proc in self.workers:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.terminate()
+
+
+def concurrent_run(c: int, pool: ClientPool, per_client: int, args, pids, while_open=None) -> dict:
+    """C sessions at once, spread over the pool's workers; `while_open()` runs after the decode, every
+    session still open."""
+    groups = spread(c, len(pool.workers))
+    opened = time.monotonic()
+    pool.send_all(groups)
+    try:
+        with contextlib.suppress(threading.BrokenBarrierError):  # a worker failed: its reply says why
+            pool.start.wait(timeout=660)
+        cpu0 = cpu_seconds(pids)
+        replies = pool.receive_all()
         t1, cpu1 = time.monotonic(), cpu_seconds(pids)
-        errors = [o["error"] for o in outs if "error" in o]
+        errors = [e for r in replies for e in r["errors"]]
         if errors:
-            first = next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
-            raise RuntimeError(f"C={c}: {len(errors)} sessions failed; first: {first!r}") from first
+            first = next((e for e in errors if not e.startswith("BrokenBarrierError")), errors[0])
+            raise RuntimeError(f"C={c}: {len(errors)} sessions failed; first: {first}")
         extra = while_open() if while_open else None
     finally:
-        for s in sessions:
-            s.close()
-    (t0, cpu0) = marks[0]
+        pool.send_all(["close"] * len(groups))
+        pool.receive_all()
+    outs = [None] * c
+    for group, reply in zip(groups, replies, strict=True):
+        for i, o in zip(group, reply["outs"], strict=True):
+            outs[i] = o
+    t0 = max(t for r in replies for t in r["arrived"])  # the last arrival released the barrier
     wall = max(o["stamps"][-1] for o in outs) - t0
     steps_ms = [1e3 * (b - a) for o in outs for a, b in pairwise(o["stamps"])]
     per_session = [(args.new_tokens - 1) / (o["stamps"][-1] - t0) for o in outs]
+    busy = {k: round((cpu1[k] - cpu0[k]) / (t1 - t0), 2) for k in cpu1 if k in cpu0}
     result = {
-        "sessions": c, "clients": math.ceil(c / per_client),
+        "sessions": c, "client_procs": sum(1 for g in groups if g),
+        "clients": sum(math.ceil(len(g) / per_client) for g in groups),
         "open_and_prefill_s": round(max(o["prefilled"] for o in outs) - opened, 3),
         "decode_wall_s": round(wall, 4), "aggregate_tokens_s": round(c * (args.new_tokens - 1) / wall, 2),
         "step_ms_p50": round(statistics.median(steps_ms), 3),
         "step_ms_p99": round(quantile(steps_ms, 0.99), 3), "step_ms_max": round(max(steps_ms), 3),
         "session_tokens_s_min": round(min(per_session), 2),
         "session_tokens_s_max": round(max(per_session), 2),
-        # CPU cores each process kept busy during the decode (client: this process, all its threads)
-        "cpu_cores_busy": {k: round((cpu1[k] - cpu0[k]) / (t1 - t0), 2) for k in cpu1 if k in cpu0},
+        # CPU cores each process kept busy during the decode (a client process: all its threads)
+        "cpu_cores_busy": busy,
+        "client_procs_cores_busy": round(sum(busy.get(name, 0.0) for name in pool.pids), 2),
         "tokens": [o["tokens"] for o in outs],  # checked against C = 1 and local ones, then dropped
     }
-    log(f"C={c}: {result['aggregate_tokens_s']:.1f} tokens/s aggregate over {wall:.2f} s; step ms p50 "
-        f"{result['step_ms_p50']:.1f}, p99 {result['step_ms_p99']:.1f}, max {result['step_ms_max']:.1f}")
+    log(f"C={c} on {result['client_procs']} client process(es): {result['aggregate_tokens_s']:.1f} "
+        f"tokens/s aggregate over {wall:.2f} s; step ms p50 {result['step_ms_p50']:.1f}, "
+        f"p99 {result['step_ms_p99']:.1f}, max {result['step_ms_max']:.1f}")
     return result if extra is None else {**result, "kv_memory": extra}
 
 
@@ -256,9 +406,32 @@ def kv_memory(infos: list[dict], config, expected_tokens: int, cuda: bool) -> li
 # ---------------------------------------------------------------- main
 
 
+def concurrency_runs(pool: ClientPool, per_client: int, client, peers, config, pids, args) -> dict:
+    """Every C through the pool: C = 1 is every ratio's denominator and the shortest run, so the noisiest:
+    --repeats runs, the median kept. The KV report is taken while the largest C's sessions are open."""
+    top = max(args.concurrency)
+    expected_tokens = top * (args.prompt_tokens + args.new_tokens - 1)
+    cuda = args.device.startswith("cuda")
+
+    def report() -> list[dict]:
+        return kv_memory(peer_infos(client, peers), config, expected_tokens, cuda)
+
+    out = {}
+    for c in args.concurrency:
+        runs = []
+        for _ in range(args.repeats if c == 1 else 1):
+            wait_idle(client, peers)
+            runs.append(concurrent_run(c, pool, per_client, args, pids, report if c == top else None))
+        out[c] = chosen = sorted(runs, key=lambda r: r["aggregate_tokens_s"])[len(runs) // 2]
+        if len(runs) > 1:
+            chosen["aggregate_tokens_s_runs"] = [r["aggregate_tokens_s"] for r in runs]
+    return out
+
+
 def measure_swarm(swarm: LocalSwarm, model_path: Path, config, prompts, ttft_prompt, args) -> dict:
-    """Start the peers; single stream, every C, then TTFT; one client (more if the peers' per-client
-    session limit is below C). The KV report is taken while the largest C's sessions are open."""
+    """Start the peers; single stream and TTFT through this process's client, every C through a pool of
+    min(max C, --client-procs) client processes (each with several client models if the peers'
+    per-client session limit is below its share)."""
     flags = ["--device", args.device, "--dtype", args.dtype]
     limit_flag = peer_supports("--max-sessions-per-client")
     if limit_flag:  # twice the need: a session the peer has not released yet still counts
@@ -268,42 +441,27 @@ def measure_swarm(swarm: LocalSwarm, model_path: Path, config, prompts, ttft_pro
     start = time.monotonic()
     procs = swarm.start_peers(spans, extra=flags)
     peers = [ready_fields(p.ready_line) for p in procs]
-    pids = {"client": os.getpid(), **{p.name: p.popen.pid for p in procs}}
+    pids = {"bench": os.getpid(), **{p.name: p.popen.pid for p in procs}}
     log(f"peers ready in {time.monotonic() - start:.1f} s")
-    clients = [new_client(model_path, swarm.initial_peers, args)]
-    out = {"spans": spans, "max_sessions_per_client_flag": limit_flag, "concurrency": {}}
+    client = new_client(model_path, swarm.initial_peers, args)
+    out = {"spans": spans, "max_sessions_per_client_flag": limit_flag}
     try:
-        out["single"] = timed_runs(clients[0], prompts[:1], args, "swarm")
-        infos = peer_infos(clients[0], peers)
-        limits = [i.get("limits", {}).get("max_sessions_per_client", 32) for i in infos]
+        out["single"] = timed_runs(client, prompts[:1], args, "swarm")
+        limits = [i.get("limits", {}).get("max_sessions_per_client", 32) for i in peer_infos(client, peers)]
         out["sessions_per_client"] = per_client = min(limits)
-        while len(clients) < math.ceil(max(args.concurrency) / per_client):
-            clients.append(new_client(model_path, swarm.initial_peers, args))
+        size = min(args.client_procs, max(args.concurrency))
+        n_clients = math.ceil(math.ceil(max(args.concurrency) / size) / per_client)
         log(f"per-client session limit {per_client} (flag {'passed' if limit_flag else 'absent'}): "
-            f"{len(clients)} client(s)")
-        top = max(args.concurrency)
-        expected_tokens = top * (args.prompt_tokens + args.new_tokens - 1)
-        cuda = args.device.startswith("cuda")
-
-        def report() -> list[dict]:
-            return kv_memory(peer_infos(clients[0], peers), config, expected_tokens, cuda)
-
-        for c in args.concurrency:
-            runs = []
-            # C = 1 is every ratio's denominator and the shortest run, so the noisiest: --repeats, median
-            for _ in range(args.repeats if c == 1 else 1):
-                wait_idle(clients[0], peers)
-                while_open = report if c == top else None
-                runs.append(concurrent_run(c, clients, per_client, prompts, args, pids, while_open))
-            chosen = sorted(runs, key=lambda r: r["aggregate_tokens_s"])[len(runs) // 2]
-            out["concurrency"][c] = chosen
-            if len(runs) > 1:
-                chosen["aggregate_tokens_s_runs"] = [r["aggregate_tokens_s"] for r in runs]
+            f"{size} client process(es), {n_clients} client model(s) each")
+        start = time.monotonic()
+        with ClientPool(size, model_path, swarm.initial_peers, n_clients, per_client, prompts, args) as pool:
+            log(f"client processes ready in {time.monotonic() - start:.1f} s")
+            out["concurrency"] = concurrency_runs(pool, per_client, client, peers, config,
+                                                  {**pids, **pool.pids}, args)
         # TTFT last: its long prefill would otherwise set the peers' peak device memory read above
-        out["ttft"] = ttft_runs(clients[0], ttft_prompt, args.repeats, "swarm")
+        out["ttft"] = ttft_runs(client, ttft_prompt, args.repeats, "swarm")
     finally:
-        for client in clients:
-            client.shutdown()
+        client.shutdown()
     return out
 
 
@@ -355,7 +513,7 @@ def run(args, work: Path) -> dict:
             "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
             "ttft_prompt_tokens": args.ttft_prompt_tokens, "greedy": True,
             "max_sessions_per_client_flag": sw["max_sessions_per_client_flag"],
-            "sessions_per_client": sw["sessions_per_client"],
+            "sessions_per_client": sw["sessions_per_client"], "client_procs": args.client_procs,
         },
         "single_stream": {"local": local_fig, "swarm": swarm_fig,
                           "tokens_equal_local": sw["single"][2] == local_tokens,
@@ -369,7 +527,8 @@ def run(args, work: Path) -> dict:
             "aggregate_tokens_s": per_c("aggregate_tokens_s"),
             "aggregate_over_c1": per_c("aggregate_over_c1"),
             "step_ms_p50": per_c("step_ms_p50"), "step_ms_p99": per_c("step_ms_p99"),
-            "step_ms_max": per_c("step_ms_max"),
+            "step_ms_max": per_c("step_ms_max"), "client_procs": per_c("client_procs"),
+            "client_procs_cores_busy": per_c("client_procs_cores_busy"),
             "tokens_equal_alone": all(r["tokens_equal_alone"] for r in conc.values()),
             "sessions_equal_local": {str(c): f"{r['sessions_equal_local']}/{c}" for c, r in conc.items()},
             "ttft_s": {k: ttft[k] for k in ("local_s", "swarm_s", "swarm_over_local")},

@@ -1,7 +1,7 @@
 """Timing probes for the decode benchmark: where one decode step's time goes, on both sides of each hop.
 
 Nothing here changes what the product does: the probes wrap a few module-level names (the wire codec,
-the client's `SpanStream.step`, the peer's `_run_step`) with functions that call the original and note
+the client's `SpanStream.step`, the peer's `SpanModel.run`) with functions that call the original and note
 `time.monotonic()` around it. On Linux that clock is CLOCK_MONOTONIC, one clock for every process of the
 machine, so a client's and a peer's timestamps can be subtracted from each other.
 
@@ -145,11 +145,11 @@ class ClientProbe:
     def _span_step(self, fn):
         probe = self
 
-        async def step(stream, hidden, position_ids, valid, position):
+        async def step(stream, hidden, position_ids, valid, position, *args, **kwargs):
             probe._hop = {"span": str(stream.hop.span), "peer_id": stream.hop.peer_id, "position": position,
                           "new": hidden.shape[1], "t0": now()}
             try:
-                return await fn(stream, hidden, position_ids, valid, position)
+                return await fn(stream, hidden, position_ids, valid, position, *args, **kwargs)
             finally:
                 probe._hop["t1"] = now()
                 probe.hops.append(probe._hop)
@@ -205,6 +205,7 @@ class PeerProbe:
     def install(self) -> None:
         import peer.server
         import swarm.protocol
+        import swarm.runtime.span as span
 
         srv, p = peer.server, self._patches
         p.set(swarm.protocol, "msgpack", _TimedMsgpack(lambda dt: _packed(self._step, dt), self._note_unpack))
@@ -212,7 +213,7 @@ class PeerProbe:
         p.set(srv, "parse_step", self._parse(srv.parse_step))
         p.set(srv, "pack_tensor", self._pack(srv.pack_tensor))
         p.set(srv, "write_message", self._write(srv.write_message))
-        p.set(srv.PeerServer, "_run_step", self._run_step(srv.PeerServer._run_step))
+        p.set(span.SpanModel, "run", self._run(span.SpanModel.run))
 
     def _note_unpack(self, seconds: float) -> None:
         self._last_unpack_s = seconds
@@ -248,18 +249,24 @@ class PeerProbe:
 
         return pack_tensor
 
-    def _run_step(self, fn):
+    def _run(self, fn):
+        """SpanModel.run, on the scheduler's thread: the batched forward (one session here) and, on CUDA,
+        a synchronize so that the GPU's time lands in compute."""
         probe = self
 
-        def run_step(server, session, request):
+        def run(model, segments, *args, **kwargs):
             record = probe._step
             start = now()
-            out = fn(server, session, request)
+            out = fn(model, segments, *args, **kwargs)
+            if model.device.type == "cuda":
+                import torch
+
+                torch.cuda.synchronize(model.device)
             if record is not None:
-                record.update(t_compute0=start, t_compute1=now(), span=str(server.span))
+                record.update(t_compute0=start, t_compute1=now(), span=str(model.span))
             return out
 
-        return run_step
+        return run
 
     def _write(self, fn):
         async def write_message(writer, message):

@@ -34,6 +34,7 @@ class PeerConfig:
     # continuous batching (peer.scheduler)
     max_batch_tokens: int = 2048  # token rows per batched forward
     prefill_chunk_tokens: int = 512  # a prompt runs in chunks of at most this many tokens per forward
+    cuda_graphs: bool = True  # single-session decode steps replay a CUDA graph (swarm.runtime.graphs); CUDA only
     max_tokens_per_step: int = 4096
     max_session_length_tokens: int = 8192
     max_batch_size: int = 64

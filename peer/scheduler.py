@@ -34,6 +34,7 @@ from swarm.runtime.span import Segment, SpanModel
 logger = logging.getLogger(__name__)
 
 MEMORY_RETRY_S = 0.05  # how often steps waiting for KV pages look again (a close also wakes them)
+QUIET_ITERATIONS = 8  # a lone step may record a CUDA graph after this many iterations of one segment each
 
 
 @dataclass(eq=False)
@@ -82,6 +83,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._stopped = False
         self._memory_wait = False
+        self._lone_iterations = 0  # consecutive iterations of a single segment (CUDA graphs pay then)
         self._thread = threading.Thread(target=self._serve, name="scheduler", daemon=True)
 
     def start(self) -> None:
@@ -191,8 +193,9 @@ class Scheduler:
                     w.valid[:, w.done : w.done + n])
             for w, n in batch
         ]
+        self._lone_iterations = self._lone_iterations + 1 if len(segments) == 1 else 0
         try:
-            outs = self.model.run(segments)
+            outs = self.model.run(segments, may_record=self._lone_iterations >= QUIET_ITERATIONS)
             hidden_size = outs[0].shape[-1]
             flat = torch.cat([o.reshape(-1, hidden_size) for o in outs]).cpu() if len(outs) > 1 else outs[0].cpu()
         except Exception as e:  # e.g. out of device memory: these steps fail, the peer goes on

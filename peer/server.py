@@ -109,7 +109,7 @@ class PeerServer:
                 attn_implementation=self.config.attn_implementation, progress=self.config.progress,
             ),
         )
-        self.span_model = SpanModel(loaded)
+        self.span_model = SpanModel(loaded, cuda_graphs=self.config.cuda_graphs)
         if planned is None:  # "auto": most of what the weights left free, minus room for activations
             planned = auto_cache_bytes(free_bytes(self.config.device), self.model_config, self.config.max_batch_tokens)
             self.say(f"KV cache budget: {fmt(planned)} ({planned // memory.kv_bytes_per_token} token slots)")
@@ -226,6 +226,10 @@ class PeerServer:
             "scheduler": self.scheduler.stats.as_dict(),
             "forward": self.forward_stats.as_dict(),
         }
+        graphs = self.span_model.graphs
+        if graphs is not None:
+            fields["cuda_graphs"] = {"recorded": graphs.recorded, "record_ms": round(graphs.record_s * 1000, 1),
+                                     "replays": graphs.replays, "disabled": graphs.disabled}
         if self.span_model.device.type == "cuda":
             device = self.span_model.device
             fields["device_memory"] = {

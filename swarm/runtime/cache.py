@@ -79,6 +79,7 @@ class KVCache:
         self._values: list[torch.Tensor | None] = [None] * span.length
         self.pending = 0  # slots of the step in flight
         self.freed = False
+        self.decode_graph = None  # swarm.runtime.graphs.GraphState recorded for this cache, if any
 
     # ---------------------------------------------------------------- memory
 
@@ -113,6 +114,7 @@ class KVCache:
             self.budget.give(self.nbytes)
             self._keys = [None] * self.span.length
             self._values = [None] * self.span.length
+            self.decode_graph = None  # it holds the tensors too
 
     # ---------------------------------------------------------------- one step
 
@@ -127,22 +129,36 @@ class KVCache:
     def write(self, block: int, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store this step's K/V ([rows, kv_heads, new, head_dim]) of global block `block`."""
         i = block - self.span.start
-        end = self.length + key.shape[2]
         if self._keys[i] is None or self._keys[i].shape[2] < self.capacity:
             self._keys[i] = self._grown(self._keys[i], key)
             self._values[i] = self._grown(self._values[i], value)
-        self._keys[i][:, :, self.length : end] = key
-        self._values[i][:, :, self.length : end] = value
+        new = key.shape[2]
+        self._keys[i].narrow(2, self.length, new).copy_(key)  # narrow: cheaper than slice assignment
+        self._values[i].narrow(2, self.length, new).copy_(value)
+
+    def write_at(self, block: int, slot: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Store one-slot K/V ([rows, kv_heads, 1, head_dim]) at slot tensor `slot` ([1]): no Python int
+        in the indexing, so a CUDA graph can record it; the tensors must already span the capacity."""
+        i = block - self.span.start
+        self._keys[i].index_copy_(2, slot, key)
+        self._values[i].index_copy_(2, slot, value)
+
+    def full(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block `block`'s K/V tensors over the whole capacity, unwritten slots included."""
+        i = block - self.span.start
+        return self._keys[i], self._values[i]
 
     def layer(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of block `block`'s K/V up to the end of the step in flight (no copy)."""
         i = block - self.span.start
         end = self.length + self.pending
-        return self._keys[i][:, :, :end], self._values[i][:, :, :end]
+        return self._keys[i].narrow(2, 0, end), self._values[i].narrow(2, 0, end)
 
     def _grown(self, old: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
         rows, heads, _, dim = like.shape
-        new = like.new_empty(rows, heads, self.capacity, dim)
+        # zeros, not garbage: masked attention over the whole capacity (CUDA graphs) multiplies the unused
+        # slots' values by a probability of 0, and 0 x NaN would be NaN
+        new = like.new_zeros(rows, heads, self.capacity, dim)
         if old is not None and self.length:
             new[:, :, : self.length] = old[:, :, : self.length]
         return new

@@ -27,6 +27,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from swarm.errors import ConfigError
 from swarm.runtime.cache import KVBudget, KVCache, unlimited_budget
+from swarm.runtime.graphs import DecodeGraphs
 from swarm.runtime.loading import LoadedSpan
 
 VARLEN_ATTENTION = "swarm_varlen"
@@ -70,24 +71,32 @@ class Segment:
 
 
 class _Step:
-    """What the layers see as their cache for one batched forward; our attention reads it from kwargs."""
+    """What the layers see as their cache for one batched forward; our attention reads it from kwargs.
+    `graph`: the static buffers of a CUDA-graph decode step (swarm.runtime.graphs), None when eager."""
 
-    def __init__(self, model: SpanModel, segments: list[Segment]):
+    def __init__(self, model: SpanModel, segments: list[Segment], graph=None):
         self.model = model
         self.segments = segments
+        self.graph = graph
+        self.shapes = [(s.rows, s.new) for s in segments]
+        self.sizes = [rows * new for rows, new in self.shapes]
+
+    def split(self, packed: torch.Tensor) -> list[torch.Tensor]:
+        """[1, heads, total, dim] -> each segment's [rows, heads, new, dim] (views, one split per layer)."""
+        parts = packed[0].split(self.sizes, dim=1) if len(self.sizes) > 1 else (packed[0],)
+        return [part.unsqueeze(0) if rows == 1 else part.unflatten(1, (rows, new)).transpose(0, 1)
+                for part, (rows, new) in zip(parts, self.shapes, strict=True)]
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Store each segment's new K/V in its cache; the attention reads the caches, not the return value."""
-        for s in self.segments:
-            s.cache.write(layer_idx, _unpack(key, s), _unpack(value, s))
+        for s, k, v in zip(self.segments, self.split(key), self.split(value), strict=True):
+            if self.graph is not None:
+                s.cache.write_at(layer_idx, self.graph.slot, k, v)
+            else:
+                s.cache.write(layer_idx, k, v)
         return key, value
 
     is_compileable = False
-
-
-def _unpack(packed: torch.Tensor, s: Segment) -> torch.Tensor:
-    """[1, heads, total, dim] -> this segment's [rows, heads, new, dim]."""
-    return packed[0, :, s.offset : s.end].unflatten(1, (s.rows, s.new)).transpose(0, 1)
 
 
 def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -96,21 +105,34 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     model = step.model
     block = module.layer_idx
     window = model.windows[block - model.span.start]
+    if step.graph is not None:
+        return _graph_attention(step, block, window, query, scaling), None
     outs = []
-    for s in step.segments:
+    for s, q, (rows, new) in zip(step.segments, step.split(query), step.shapes, strict=True):
         if window not in s.masks:
-            s.masks[window] = model.mask_or_none(s.cache, s.new, window)
+            s.masks[window] = model.mask_or_none(s.cache, new, window)
         mask = s.masks[window]
         k, v = s.cache.layer(block)
-        q = _unpack(query, s)
-        if mask is None and s.new == 1 and not model._eager:
+        if mask is None and new == 1 and not model._eager:
             # the common decode step, on the shortest path: torch's fused SDPA, GQA without repeating K/V
             out = F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
             out = out.transpose(1, 2)
         else:
             out, _ = model.inner_attention(module, q, k, v, mask, dropout=0.0, scaling=scaling)
-        outs.append(out.reshape(s.rows * s.new, *out.shape[2:]))
+        outs.append(out.reshape(rows * new, *out.shape[2:]))
     return (outs[0] if len(outs) == 1 else torch.cat(outs)).unsqueeze(0), None
+
+
+def _graph_attention(step: _Step, block: int, window, query, scaling) -> torch.Tensor:
+    """A decode step's attention with static shapes: over the whole capacity of the cache with the step's
+    mask, the query heads that share a K/V head grouped as that head's queries (GQA with no K/V repeat)."""
+    (s,) = step.segments
+    k, v = s.cache.full(block)
+    (q,) = step.split(query)  # [rows, heads, 1, dim]
+    rows, heads, _, dim = q.shape
+    grouped = q.reshape(rows, k.shape[1], heads // k.shape[1], dim)  # head h uses K/V head h // group
+    out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=step.graph.masks[window], scale=scaling)
+    return out.reshape(rows, heads, dim).unsqueeze(0)  # [1, rows * 1 token, heads, dim]
 
 
 AttentionInterface.register(VARLEN_ATTENTION, varlen_attention)
@@ -119,7 +141,7 @@ AttentionInterface.register(VARLEN_ATTENTION, varlen_attention)
 class SpanModel(nn.Module):
     """A loaded span, runnable step by step. Stateless between steps; state lives in the KVCaches."""
 
-    def __init__(self, loaded: LoadedSpan):
+    def __init__(self, loaded: LoadedSpan, cuda_graphs: bool = False):
         super().__init__()
         self.config = loaded.config
         self.span = loaded.span
@@ -143,6 +165,8 @@ class SpanModel(nn.Module):
         c = self.config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self.bytes_per_block_token = 2 * c.num_key_value_heads * head_dim * first.element_size()
+        # single-session decode steps replay a CUDA graph (swarm.runtime.graphs); CUDA only
+        self.graphs = DecodeGraphs(self) if cuda_graphs and self.device.type == "cuda" else None
 
     def new_cache(self, rows: int, max_length: int, budget: KVBudget | None = None,
                   blocks: tuple[int, int] | None = None) -> KVCache:
@@ -175,10 +199,11 @@ class SpanModel(nn.Module):
         )
 
     @torch.inference_mode()
-    def run(self, segments: list[Segment]) -> list[torch.Tensor]:
+    def run(self, segments: list[Segment], may_record: bool = True) -> list[torch.Tensor]:
         """One batched forward over every segment's blocks (all segments' caches cover the same blocks, which
         must lie in this span); commits each step into its cache, or rolls every one back on error.
-        Returns each segment's output hidden states [rows, new, hidden_size] on this model's device."""
+        Returns each segment's output hidden states [rows, new, hidden_size] on this model's device.
+        A lone decode step replays its session's CUDA graph when graphs are on (`may_record`: or records it)."""
         blocks = segments[0].cache.span
         if any(s.cache.span != blocks for s in segments) or not (self.span.start <= blocks.start < blocks.end <= self.span.end):
             raise ValueError(f"segments of one forward must share blocks within {self.span}")
@@ -187,24 +212,16 @@ class SpanModel(nn.Module):
         for s in segments:
             s.offset, s.masks = offset, {}
             offset = s.end
+        if self.graphs is not None and len(segments) == 1 and segments[0].new == 1:
+            out = self.graphs.run(segments[0], may_record)
+            if out is not None:
+                return [out]
         hidden = torch.cat([s.hidden.reshape(-1, hidden_size) for s in segments]).to(self.device, self.dtype)[None]
         position_ids = torch.cat([s.position_ids.reshape(-1) for s in segments]).to(self.device)[None]
         for s in segments:
             s.cache.begin(s.valid)
-        step = _Step(self, segments)
         try:
-            position_embeddings = self.rotary_emb(hidden, position_ids)
-            for block in range(blocks.start, blocks.end):
-                out = self.layers[block - self.span.start](
-                    hidden,
-                    attention_mask=None,
-                    position_ids=position_ids,
-                    position_embeddings=position_embeddings,
-                    use_cache=True,
-                    swarm_step=step,
-                    **{self._cache_arg: step},
-                )
-                hidden = out[0] if isinstance(out, tuple) else out
+            hidden = self._layers(hidden, position_ids, _Step(self, segments), blocks)
         except BaseException:
             for s in segments:
                 s.cache.rollback()
@@ -212,6 +229,22 @@ class SpanModel(nn.Module):
         for s in segments:
             s.cache.commit()
         return [hidden[0, s.offset : s.end].view(s.rows, s.new, hidden_size) for s in segments]
+
+    def _layers(self, hidden: torch.Tensor, position_ids: torch.Tensor, step: _Step, blocks) -> torch.Tensor:
+        """The packed tokens [1, total, hidden_size] through blocks [blocks.start, blocks.end)."""
+        position_embeddings = self.rotary_emb(hidden, position_ids)
+        for block in range(blocks.start, blocks.end):
+            out = self.layers[block - self.span.start](
+                hidden,
+                attention_mask=None,
+                position_ids=position_ids,
+                position_embeddings=position_embeddings,
+                use_cache=True,
+                swarm_step=step,
+                **{self._cache_arg: step},
+            )
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
 
     def forward(self, hidden, position_ids, valid, cache: KVCache) -> torch.Tensor:
         """One session's step (reserving its pages first): [rows, new, hidden] -> the same shape."""
