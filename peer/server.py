@@ -119,7 +119,7 @@ class PeerServer:
             prefill_chunk_tokens=self.config.prefill_chunk_tokens,
         )
         self.sessions = SessionManager(
-            self.config, self.budget, memory.kv_bytes_per_token,
+            self.config, self.budget, self.span_model.bytes_per_block_token * self.span.length,  # as caches count
             new_cache=lambda rows, length, blocks: self.span_model.new_cache(rows, length, self.budget, blocks),
             release=self.scheduler.release, memory_waiters=lambda: self.scheduler.memory_waiters,
         )
