@@ -87,3 +87,50 @@ def test_recorded_graph_on_cuda(tiny_model_path, family):
         assert graphs.recorded >= 2 and graphs.replays == 40
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_greedy_tokens_on_cuda_bf16(tiny_model_path):
+    """The test prompts' greedy tokens in bfloat16 on the GPU: three sessions decoding together in one
+    batched forward, and each alone (a lone decode step replays its CUDA graph), equal what local
+    transformers generates in bfloat16 on the same GPU."""
+    from transformers import AutoModelForCausalLM
+
+    from swarm.runtime import load_client_head
+
+    path = tiny_model_path("llama")
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to("cuda").eval()
+    head = load_client_head(path, dtype=torch.bfloat16, device="cuda")
+    model = SpanModel(load_span(path, Span(0, local.config.num_hidden_layers), dtype=torch.bfloat16, device="cuda"),
+                      cuda_graphs=True)
+    prompts = [[1, 17, 230, 45, 99, 4, 310, 7], [1, 5, 6, 7, 8], [1, 400, 3, 3, 250, 60]]
+    new_tokens = 12
+    expected = [local.generate(torch.tensor([p], device="cuda"), max_new_tokens=new_tokens, do_sample=False,
+                               pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+
+    @torch.inference_mode()
+    def greedy(sessions: list[list[int]]) -> list[list[int]]:
+        caches = [model.new_cache(1, len(p) + new_tokens) for p in sessions]
+        fed = [list(p) for p in sessions]
+        out = [[] for _ in sessions]
+        step_ids = [list(p) for p in sessions]
+        for _ in range(new_tokens):
+            segments = []
+            for cache, ids, seen in zip(caches, step_ids, fed, strict=True):
+                n = len(ids)
+                cache.reserve(cache.length + n)
+                hidden = head.embed_tokens(torch.tensor([ids], device="cuda")).cpu()
+                positions = torch.arange(len(seen) - n, len(seen))[None]
+                segments.append(Segment(cache, hidden, positions, torch.ones(1, n, dtype=torch.bool)))
+            results = model.run(segments) if len(sessions) > 1 else [model.run([s])[0] for s in segments]
+            for k, hidden in enumerate(results):
+                token = int(head.lm_head(head.norm(hidden[:, -1:].to("cuda"))).argmax(-1))
+                out[k].append(token)
+                fed[k].append(token)
+                step_ids[k] = [token]
+        return out
+
+    assert greedy(prompts) == expected  # batched: one forward per step for all three
+    for p, want in zip(prompts, expected, strict=True):
+        assert greedy([p]) == [want]  # alone: CUDA graph replays after the first steps
+    assert model.graphs.replays > 0
