@@ -78,6 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads here, in each client and peer")
     p.add_argument("--work-dir", help="where checkpoints go (kept; an 8B one there is reused); default: temp")
     p.add_argument("--startup-timeout-s", type=float, default=300.0)
+    p.add_argument("--peer-flags", default="", help="more `swarm peer` flags, e.g. --peer-flags=--batch-wait-ms=2")
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     args.concurrency = sorted({1, *(int(c) for c in args.concurrency.split(","))})
@@ -432,7 +433,7 @@ def measure_swarm(swarm: LocalSwarm, model_path: Path, config, prompts, ttft_pro
     """Start the peers; single stream and TTFT through this process's client, every C through a pool of
     min(max C, --client-procs) client processes (each with several client models if the peers'
     per-client session limit is below its share)."""
-    flags = ["--device", args.device, "--dtype", args.dtype]
+    flags = ["--device", args.device, "--dtype", args.dtype, *args.peer_flags.split()]
     limit_flag = peer_supports("--max-sessions-per-client")
     if limit_flag:  # twice the need: a session the peer has not released yet still counts
         flags += ["--max-sessions-per-client", str(2 * max(args.concurrency))]
@@ -514,6 +515,7 @@ def run(args, work: Path) -> dict:
             "ttft_prompt_tokens": args.ttft_prompt_tokens, "greedy": True,
             "max_sessions_per_client_flag": sw["max_sessions_per_client_flag"],
             "sessions_per_client": sw["sessions_per_client"], "client_procs": args.client_procs,
+            "peer_flags": args.peer_flags,
         },
         "single_stream": {"local": local_fig, "swarm": swarm_fig,
                           "tokens_equal_local": sw["single"][2] == local_tokens,

@@ -132,15 +132,15 @@ class InferenceSession:
             self.hops = await self._build(0, self.model.num_blocks, None)
             self._check_memory(hidden.shape[0], hidden.shape[2])
         i = 0
-        forwarded = False  # whether hop i's input is on its way from the previous peer (server-to-server)
+        asked = forwarded = False  # whether the previous hop was asked to push hop i's input, and did
         while i < len(self.hops):
             hop = self.hops[i]
             push = self._push_route(i + 1)
             try:
                 if forwarded:
                     out = await hop.stream.forwarded_step(hidden, position_ids, valid, self.position, push)
-                else:
-                    out = await hop.stream.step(hidden, position_ids, valid, self.position, push)
+                else:  # "fallback": a push that reported failure (or a failed hop's push) may still land
+                    out = await hop.stream.step(hidden, position_ids, valid, self.position, push, fallback=asked)
             except (PeerError, ConnectionError, TimeoutError) as e:
                 self._ban_for(hop.peer_id, e)
                 logger.warning("hop %s [%s] failed: %s", hop.peer_id[-6:], hop.span, e)
@@ -149,7 +149,8 @@ class InferenceSession:
                 continue  # the same step, now on the replacement hop(s)
             hop.keep(hidden, position_ids, valid)
             self.model.bans.clear(hop.peer_id)
-            forwarded = bool(push) and hop.stream.pushed
+            asked = bool(push)
+            forwarded = asked and hop.stream.pushed
             hidden = out
             i += 1
         for i in reversed(range(len(self.hops))):  # at the step boundary: leave peers that are draining
@@ -158,12 +159,13 @@ class InferenceSession:
         return hidden
 
     def _push_route(self, start: int) -> list[dict]:
-        """Push targets of hops[start:] for server-to-server steps, up to the first hop that takes none."""
+        """Push targets of hops[start:] for this step (each token names the hop before it as the pusher),
+        up to the first hop that takes none; empty with server-to-server steps off."""
         if not self.model.client_config.server_to_server:
             return []
         route = []
-        for hop in self.hops[start:]:
-            target = hop.stream.push_target()
+        for before, hop in zip(self.hops[start - 1 :], self.hops[start:], strict=False):
+            target = hop.stream.push_target(before.peer_id, self.position)
             if target is None:
                 break
             route.append(target)

@@ -21,6 +21,7 @@ from swarm.protocol import (
     PROTOCOL_MINOR,
     WIRE_DTYPES,
     pack_tensor,
+    push_token,
     read_message,
     require,
     unpack_tensor,
@@ -41,6 +42,7 @@ class SpanStream:
         self.addrs = list(addrs)
         opened = opened or {}
         self.session_id = opened.get("session")
+        self.wire_dtype = opened.get("dtype")
         # a peer that takes forwarded steps gives a key for them; older peers give none
         key = opened.get("push_key")
         self.push_key = key if isinstance(key, str) and type(self.session_id) is int else None
@@ -81,18 +83,19 @@ class SpanStream:
             raise PeerRefused(text, peer=hop.peer_id)
         return reply
 
-    def push_target(self) -> dict | None:
-        """Where a previous peer pushes this hop's next step (None if the peer takes no forwarded steps)."""
+    def push_target(self, pusher: str, position: int) -> dict | None:
+        """Where peer `pusher` pushes this hop's step at `position` (None if this peer takes no forwarded
+        steps); its token is good for that pusher and that position only."""
         if self.push_key is None:
             return None
         return {"peer": self.hop.peer_id, "addrs": self.addrs[:8], "session": self.session_id,
-                "key": self.push_key, "step": self.steps}
+                "token": push_token(self.push_key, pusher, position), "step": self.steps, "dtype": self.wire_dtype}
 
     async def step(self, hidden, position_ids, valid, position: int, push=(), fallback: bool = False) -> torch.Tensor:
         """Send one step; return the peer's output hidden states ([batch, new, hidden], our dtype).
         `push`: the route's next hops (push targets) for the peer to send its output to."""
         await self._send(hidden, position_ids, valid, position, push, fallback)
-        return await self._result(hidden, self._timeout_s(hidden))
+        return await self._result(hidden, position, self._timeout_s(hidden))
 
     async def forwarded_step(self, hidden, position_ids, valid, position: int, push=()) -> torch.Tensor:
         """The result of a step the previous peer pushed here; `hidden` etc. are what it pushed (the
@@ -103,8 +106,8 @@ class SpanStream:
             reply = await self._await_reply(wait_s)
         except TimeoutError:
             await self._send(hidden, position_ids, valid, position, push, fallback=True)
-            return await self._result(hidden, self._timeout_s(hidden))
-        return self._check(reply, hidden)
+            return await self._result(hidden, position, self._timeout_s(hidden))
+        return self._check(reply, hidden, position)
 
     def _timeout_s(self, hidden) -> float:
         return self.config.step_timeout_s + hidden.shape[0] * hidden.shape[1] * self.config.step_timeout_per_token_s
@@ -128,8 +131,6 @@ class SpanStream:
             self._reading = asyncio.ensure_future(read_message(self.reader, REPLY_MAX_BYTES))
         try:
             reply = await asyncio.wait_for(asyncio.shield(self._reading), timeout=timeout_s)
-        except TimeoutError:
-            raise
         except (asyncio.IncompleteReadError, ConnectionError) as e:
             raise PeerError(f"stream closed: {e!r}", peer=self.hop.peer_id) from None
         except ProtocolError as e:
@@ -137,15 +138,16 @@ class SpanStream:
         self._reading = None
         return reply
 
-    async def _result(self, hidden, timeout_s: float) -> torch.Tensor:
+    async def _result(self, hidden, position: int, timeout_s: float) -> torch.Tensor:
         try:
             reply = await self._await_reply(timeout_s)
         except TimeoutError:
             raise PeerError(f"no reply within {timeout_s} s", peer=self.hop.peer_id) from None
-        return self._check(reply, hidden)
+        return self._check(reply, hidden, position)
 
-    def _check(self, reply: dict, hidden) -> torch.Tensor:
-        """Error replies raise; a result is checked strictly and returned as a tensor."""
+    def _check(self, reply: dict, hidden, position: int) -> torch.Tensor:
+        """Error replies raise; a result must be this step's (step id, position after it) and is checked
+        strictly, then returned as a tensor."""
         if reply.get("type") == "error":
             raise PeerRefused(f"peer error ({reply.get('code')}): {reply.get('message')}", peer=self.hop.peer_id)
         try:
@@ -158,6 +160,10 @@ class SpanStream:
         if out.dtype != self.dtype or out.shape != hidden.shape or not torch.isfinite(out).all():
             raise PeerError(f"result of shape {list(out.shape)} (expected {list(hidden.shape)}) or not finite",
                             peer=self.hop.peer_id)
+        end = position + hidden.shape[1]
+        if reply.get("step") != self.steps or reply.get("position") != end:
+            raise PeerError(f"result for step {reply.get('step')!r} at {reply.get('position')!r}, expected step "
+                            f"{self.steps} at {end}", peer=self.hop.peer_id)
         self.pushed = reply.get("pushed") is True
         self.steps += 1
         return out

@@ -4,13 +4,15 @@ After a step runs, the peer sends its output on to the next hop (FORWARD_HANDLER
 its client, so the next peer can start without waiting for the client's round trip. One `ForwardLink`
 per session keeps that stream open across steps and opens a new one when the client's route changes
 (failover). A push that cannot be made is reported (`send` returns False) and the client sends the
-step itself: a broken next hop costs the old client round trip, never a lost step.
+step itself: a broken next hop costs the old client round trip, never a lost step. A write that timed
+out may still arrive; the next peer then drops the client's copy (it is marked "fallback").
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import asdict, dataclass
 
 from hivemind.p2p import PeerID
@@ -30,10 +32,15 @@ class ForwardStats:
     pushed: int = 0  # steps this peer sent on to the next hop
     push_failed: int = 0  # pushes that could not be made (the client sent those steps itself)
     received: int = 0  # forwarded steps that ran here
+    rejected: int = 0  # forwarded steps for no session here, or whose token does not fit pusher and position
+    dropped: int = 0  # forwarded steps that failed the step decoder (the client then sends the step itself)
     duplicates: int = 0  # copies dropped: a forwarded step after the client's own, or a fallback after the forward
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+RETRY_AFTER_S = 30.0  # after a failed push, this session pushes to that peer again only after this long
 
 
 class ForwardLink:
@@ -42,11 +49,15 @@ class ForwardLink:
         self.connect_timeout_s = connect_timeout_s
         self._target: tuple[str, int] | None = None  # (peer, session) the open stream leads to
         self._writer: asyncio.StreamWriter | None = None
+        self._failed: dict[str, float] = {}  # peer -> monotonic time before which no push is tried
 
     async def send(self, step: dict, target: PushTarget, rest: tuple[PushTarget, ...]) -> bool:
-        """Push `step` (a "step" message without its route fields) to `target`; True once it is written."""
+        """Push `step` (a "step" message without its route fields) to `target`; True once it is written.
+        A peer that could not be reached is not tried again for RETRY_AFTER_S (False at once)."""
+        if time.monotonic() < self._failed.get(target.peer, 0.0):
+            return False
         message = {
-            **step, "type": "step", "minor": PROTOCOL_MINOR, "session": target.session, "key": target.key,
+            **step, "type": "step", "minor": PROTOCOL_MINOR, "session": target.session, "token": target.token,
             "step": target.step, "push": [t.as_dict() for t in rest],
         }
         try:
@@ -58,6 +69,7 @@ class ForwardLink:
             return True
         except Exception as e:  # any failure to reach the next hop: the client sends the step instead
             logger.info("could not push a step to %s: %r", target.peer[-6:], e)
+            self._failed[target.peer] = time.monotonic() + RETRY_AFTER_S
             self.close()
             return False
 

@@ -24,7 +24,8 @@ class OpenRequest:
 MAX_PUSH_HOPS = 256
 MAX_PUSH_ADDRS = 8
 MAX_ADDR_CHARS = 256
-PUSH_KEY_CHARS = 32
+PUSH_TOKEN_CHARS = 32
+FLOAT_WIRE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -34,12 +35,13 @@ class PushTarget:
     peer: str
     addrs: tuple[str, ...]
     session: int
-    key: str
+    token: str  # swarm.protocol.push_token: good for this pusher and this step's position only
     step: int
+    dtype: str  # the next peer's wire dtype: the pushed hidden states travel in it
 
     def as_dict(self) -> dict:
-        return {"peer": self.peer, "addrs": list(self.addrs), "session": self.session, "key": self.key,
-                "step": self.step}
+        return {"peer": self.peer, "addrs": list(self.addrs), "session": self.session, "token": self.token,
+                "step": self.step, "dtype": self.dtype}
 
 
 @dataclass(frozen=True)
@@ -129,11 +131,14 @@ def parse_push(value) -> tuple[PushTarget, ...]:
         for addr in addrs:
             if not isinstance(addr, str) or not addr.startswith("/") or len(addr) > MAX_ADDR_CHARS:
                 raise ProtocolError(f"field 'push[{i}].addrs': multiaddr strings of at most {MAX_ADDR_CHARS} chars")
-        key = require(hop.get("key"), str, f"push[{i}].key")
-        if len(key) != PUSH_KEY_CHARS:
-            raise ProtocolError(f"field 'push[{i}].key': expected {PUSH_KEY_CHARS} chars")
+        token = require(hop.get("token"), str, f"push[{i}].token")
+        if len(token) != PUSH_TOKEN_CHARS:
+            raise ProtocolError(f"field 'push[{i}].token': expected {PUSH_TOKEN_CHARS} chars")
+        dtype = require(hop.get("dtype"), str, f"push[{i}].dtype")
+        if dtype not in FLOAT_WIRE_DTYPES:
+            raise ProtocolError(f"field 'push[{i}].dtype': {dtype!r} is not one of {', '.join(FLOAT_WIRE_DTYPES)}")
         targets.append(PushTarget(
-            peer, tuple(addrs), require_int(hop.get("session"), f"push[{i}].session", 0, 1 << 62), key,
-            require_int(hop.get("step"), f"push[{i}].step", 0, 1 << 62),
+            peer, tuple(addrs), require_int(hop.get("session"), f"push[{i}].session", 0, 1 << 62), token,
+            require_int(hop.get("step"), f"push[{i}].step", 0, 1 << 62), dtype,
         ))
     return tuple(targets)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
-import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -32,8 +32,10 @@ from swarm.protocol import (
     INFO_HANDLER,
     PROTOCOL_MAJOR,
     PROTOCOL_MINOR,
+    WIRE_DTYPES,
     error_message,
     pack_tensor,
+    push_token,
     read_message,
     require,
     write_message,
@@ -54,6 +56,7 @@ from peer.sessions import Session, SessionManager
 logger = logging.getLogger(__name__)
 
 FORWARD_BACKLOG = 8  # forwarded steps a session holds before it drops more (a confused or hostile pusher)
+CLIENT_READ_AHEAD = 2  # client messages read before the steps ahead of them ran (memory is bounded)
 FATAL_LINGER_S = 2.0  # after a fatal error, how long a client may take to read it and close
 
 
@@ -323,18 +326,21 @@ class PeerServer:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(_discard(reader), timeout=FATAL_LINGER_S)
 
-    async def _read_client(self, session: Session, reader) -> None:
-        """Move the client's messages into the session's inbox (beside forwarded steps); a read error
-        (framing broken, stream closed) goes in too, and ends the reading."""
+    async def _read_client(self, session: Session, reader, ahead: asyncio.Semaphore) -> None:
+        """Move the client's messages into the session's inbox (beside forwarded steps), reading at most
+        CLIENT_READ_AHEAD messages ahead of the steps run; a read error (framing broken, stream closed)
+        goes in too, and ends the reading."""
         try:
             while True:
+                await ahead.acquire()
                 message = await read_message(reader, self.config.max_message_bytes)
                 session.inbox.put_nowait(("client", message))
         except Exception as e:
             session.inbox.put_nowait(("client", e))
 
     async def _serve_steps(self, session: Session, reader, writer) -> None:
-        reading = asyncio.create_task(self._read_client(session, reader))
+        ahead = asyncio.Semaphore(CLIENT_READ_AHEAD)
+        reading = asyncio.create_task(self._read_client(session, reader, ahead))
         link = ForwardLink(self.p2p, self.config.forward_timeout_s)
         try:
             while True:
@@ -344,6 +350,10 @@ class PeerServer:
                     return
                 if isinstance(message, BaseException):
                     raise message
+                if source == "client":
+                    ahead.release()
+                else:
+                    session.forwards_queued -= 1
                 session.last_used_s = time.monotonic()
                 if not await self._serve_step(session, source, message, writer, link):
                     return
@@ -372,22 +382,24 @@ class PeerServer:
             )
         except ProtocolError as e:
             if source == "forward":  # the client did not send it: it times out and sends the step itself
+                self.forward_stats.dropped += 1
                 logger.info("dropped a bad forwarded step for session %s: %s", session.session_id, e)
             else:
                 await write_message(writer, error_message(ERROR_PROTOCOL, str(e)))
             return True
         at = session.position
-        hidden = pack_tensor(
-            await self.scheduler.submit(session.cache, request.hidden, request.position_ids, request.valid)
-        )
+        out = await self.scheduler.submit(session.cache, request.hidden, request.position_ids, request.valid)
+        hidden = pack_tensor(out)
         if source == "forward":
             session.forwarded_at = at
             self.forward_stats.received += 1
         pushed = False
         if request.push:
-            step = {"position": at, "hidden": hidden,  # every hop holds the same positions
+            target = request.push[0]
+            pushed_hidden = hidden if target.dtype == hidden["dtype"] else pack_tensor(out.to(WIRE_DTYPES[target.dtype]))
+            step = {"position": at, "hidden": pushed_hidden,  # every hop holds the same positions
                     "position_ids": message["position_ids"], "valid": message["valid"]}
-            pushed = await link.send(step, request.push[0], request.push[1:])
+            pushed = await link.send(step, target, request.push[1:])
             if pushed:
                 self.forward_stats.pushed += 1
             else:
@@ -400,7 +412,9 @@ class PeerServer:
         return True
 
     async def _handle_forward(self, stream_info, reader, writer) -> None:
-        """Steps pushed by the previous peer of a route: each names a session here and shows its push key."""
+        """Steps pushed by the previous peer of a route: each names a session here and shows a push token
+        made by that session's client for this pusher (the stream's authenticated peer id) and position."""
+        pusher = stream_info.peer_id.to_base58()
         try:
             while True:
                 message = await asyncio.wait_for(
@@ -408,17 +422,20 @@ class PeerServer:
                 )
                 try:
                     session = self.sessions.get(require(message.get("session"), int, "session"))
-                    key = require(message.get("key"), str, "key")
+                    token = require(message.get("token"), str, "token")
+                    position = require(message.get("position"), int, "position")
                 except ProtocolError as e:
-                    logger.info("bad forwarded step from %s: %s", stream_info.peer_id, e)
+                    logger.info("bad forwarded step from %s: %s", pusher, e)
                     return
-                if session is None or not secrets.compare_digest(key, session.push_key):
-                    logger.debug("forwarded step for an unknown session or with a wrong key; dropped")
+                expected = session and push_token(session.push_key, pusher, position)
+                if session is None or not hmac.compare_digest(token.encode(), expected.encode()):
+                    self.forward_stats.rejected += 1  # unknown session, or not this pusher's or position's token
                     continue
-                if session.inbox.qsize() < FORWARD_BACKLOG:
+                if session.forwards_queued < FORWARD_BACKLOG:
+                    session.forwards_queued += 1
                     session.inbox.put_nowait(("forward", message))
         except (asyncio.IncompleteReadError, ConnectionError, TimeoutError, ProtocolError) as e:
-            logger.debug("forward stream from %s ended: %r", stream_info.peer_id, e)
+            logger.debug("forward stream from %s ended: %r", pusher, e)
         finally:
             writer.close()
 

@@ -41,6 +41,7 @@ class Session:
     push_key: str = field(default_factory=lambda: secrets.token_hex(16))
     inbox: asyncio.Queue = field(default_factory=asyncio.Queue)
     forwarded_at: int | None = None
+    forwards_queued: int = 0  # forwarded steps in the inbox (bounded; client messages are bounded apart)
 
     @property
     def position(self) -> int:

@@ -14,19 +14,26 @@ Draining: a peer that is leaving refuses new sessions (error code ERROR_DRAINING
 "info"; older clients ignore the unknown field.
 
 Server-to-server steps: a "step" may carry "push", the rest of the route after this hop: a list of
-{"peer", "addrs", "session", "key", "step"} (the next hops' peer ids, addresses, session ids, the
-session's push key from its "opened" reply, and the step id that hop expects). After computing, the
-peer sends the step on to push[0] over FORWARD_HANDLER (the same "step" message plus "session" and
-"key", with "push" = push[1:]) before replying to its client with "pushed": true. The next peer runs a
-forwarded step exactly as if its client had sent it and replies to its own client. A client whose
-hop reported "pushed": false, or whose forwarded step has not come back in time, sends the step itself
+{"peer", "addrs", "session", "token", "step", "dtype"} (the next hops' peer ids, addresses, session
+ids, push tokens, the step id that hop expects and its wire dtype). After computing, the peer sends the
+step on to push[0] over FORWARD_HANDLER (the same "step" message in push[0]'s dtype, plus "session"
+and "token", with "push" = push[1:]) before replying to its client with "pushed": true. A push token
+is `push_token(key, pusher, position)`: an HMAC, under the session's secret push key (from its "opened"
+reply, known only to the client and that peer), of the peer id allowed to push and the step's
+position; the receiving peer checks it against the pushing stream's authenticated peer id, so a token
+is good for one pusher and one position only. The next peer runs a forwarded step exactly as if its
+client had sent it and replies to its own client. A client whose previous hop was asked to push but
+reported "pushed": false, or whose forwarded step has not come back in time, sends the step itself
 with "fallback": true; a peer drops such a step when the forwarded copy of it has already run, and
-drops a forwarded step whose position its session has passed.
+drops a forwarded step whose position its session has passed. Results carry "step" and "position"
+(after the step), which the client checks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import math
 from typing import Any
 
@@ -168,6 +175,11 @@ def check_minor(message: dict) -> None:
             f"protocol v{PROTOCOL_MAJOR}.{minor} is newer than this peer's v{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}; "
             "upgrade the peer or use an older client"
         )
+
+
+def push_token(key: str, pusher: str, position: int) -> str:
+    """What lets peer `pusher` push the step at `position` into the session whose push key is `key`."""
+    return hmac.new(key.encode(), f"{pusher}/{position}".encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def error_message(code: str, text: str, *, fatal: bool = False) -> dict:

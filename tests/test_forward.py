@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
 from client import ClientConfig, DistributedModelForCausalLM, loop
-from swarm.protocol import FORWARD_HANDLER, PROTOCOL_MINOR, pack_tensor, write_message
+from peer.forward import ForwardLink
+from swarm.protocol import FORWARD_HANDLER, PROTOCOL_MINOR, pack_tensor, push_token, write_message
 
 MODEL_ID = "forward-llama"
 SPANS = ["0:2", "2:4", "4:6"]
@@ -142,27 +143,33 @@ def test_lost_pushes_fall_back_after_the_forward_wait(env, monkeypatch):
 
 
 def test_bad_forwarded_messages_harm_nothing(env):
-    """Unknown session, wrong key, wrong position, garbage, sent mid-generation to the middle peer:
-    dropped; the peer and the session go on with the same tokens."""
+    """Sent mid-generation to the middle peer: an unknown session, a wrong token, the real pusher's token
+    from another peer, a non-ASCII token, a valid token at a position the session is not at, garbage.
+    All dropped; the peer and the session go on with the same tokens."""
     swarm, servers, expected, client = env
     model = client()
     target = servers[1]
     hidden_size = target.model_config.hidden_size
     transport = loop.run(model.transport())
+    me = transport.p2p.peer_id.to_base58()
 
     async def send_junk():
         reader, writer = await transport.open_stream(target.peer_id, target.addrs, FORWARD_HANDLER, 10)
         session = next(iter(target.sessions._sessions.values()))
+        at, key, sid = session.position, session.push_key, session.session_id
         step = {
-            "type": "step", "minor": PROTOCOL_MINOR, "step": 0, "position": session.position,
+            "type": "step", "minor": PROTOCOL_MINOR, "step": 0, "position": at,
             "hidden": pack_tensor(torch.randn(1, 1, hidden_size)),
-            "position_ids": pack_tensor(torch.tensor([[session.position]])),
-            "valid": pack_tensor(torch.ones(1, 1, dtype=torch.bool)),
+            "position_ids": pack_tensor(torch.tensor([[at]])), "valid": pack_tensor(torch.ones(1, 1, dtype=torch.bool)),
         }
-        await write_message(writer, {**step, "session": 10**9, "key": session.push_key})  # unknown session
-        await write_message(writer, {**step, "session": session.session_id, "key": "0" * 32})  # wrong key
-        await write_message(writer, {**step, "session": session.session_id, "key": session.push_key,
-                                     "position": session.position + 5})  # a position the session is not at
+        for fields in (
+            {"session": 10**9, "token": push_token(key, me, at)},  # no such session
+            {"session": sid, "token": "0" * 32},  # wrong token
+            {"session": sid, "token": push_token(key, servers[0].peer_id, at)},  # the real pusher's, not ours
+            {"session": sid, "token": "é" * 32},  # not even ASCII
+            {"session": sid, "token": push_token(key, me, at + 5), "position": at + 5},  # not where it is
+        ):
+            await write_message(writer, {**step, **fields})
         writer.write(b"\x00\x00\x00\x05junk!")  # not msgpack: the stream is dropped
         await writer.drain()
         await asyncio.sleep(0.3)
@@ -171,4 +178,50 @@ def test_bad_forwarded_messages_harm_nothing(env):
     before = counts(servers)
     out = generate(model, servers, AtToken(3, lambda: loop.run(send_junk(), 30)))
     assert torch.equal(out, expected)
-    assert delta(before, counts(servers))[1]["duplicates"] == 1  # the wrong position; the others never got in
+    middle = delta(before, counts(servers))[1]
+    assert middle["rejected"] == 4 and middle["duplicates"] == 1, middle  # the token made for position + 5 got in
+
+
+def test_push_reported_failed_but_delivered(env, monkeypatch):
+    """A push whose write timed out may still arrive: the client's own copy of the step is a fallback,
+    which the next peer drops once the forwarded copy ran; no extra reply, no failover, same tokens."""
+    swarm, servers, expected, client = env
+    model = client()
+    send = ForwardLink.send
+
+    async def delivered_but_reported_failed(link, *args, **kwargs):
+        await send(link, *args, **kwargs)
+        await asyncio.sleep(0.05)  # the forwarded copy runs first
+        return False
+
+    monkeypatch.setattr(ForwardLink, "send", delivered_but_reported_failed)
+    before = counts(servers)
+    assert torch.equal(generate(model, servers), expected)  # no recovery either (checked there)
+    first, middle, last = delta(before, counts(servers))
+    assert middle["received"] == NEW_TOKENS and middle["duplicates"] == NEW_TOKENS, middle
+    assert last["received"] == NEW_TOKENS and last["duplicates"] == NEW_TOKENS, last
+
+
+def test_pushes_travel_in_the_next_peers_dtype(inprocess_swarm, tiny_model_path):
+    """float32 -> bfloat16 -> float32 peers: every push is cast to the receiver's wire dtype, and the
+    tokens equal the client path's (which casts the same way on the client)."""
+    path = tiny_model_path("llama")
+    servers = [inprocess_swarm.start_peers(path, [span], model_id="forward-mixed", dtype=dtype)[0]
+               for span, dtype in (("0:2", "float32"), ("2:4", "bfloat16"), ("4:6", "float32"))]
+    clients = []
+    try:
+        outs = {}
+        for server_to_server in (True, False):
+            config = ClientConfig(initial_peers=tuple(inprocess_swarm.initial_peers), model_id="forward-mixed",
+                                  step_timeout_s=10, server_to_server=server_to_server)
+            clients.append(DistributedModelForCausalLM.from_pretrained(path, client_config=config))
+            before = counts(servers)
+            outs[server_to_server] = generate(clients[-1], servers)
+            received = [d["received"] for d in delta(before, counts(servers))]
+            assert received == ([0, NEW_TOKENS, NEW_TOKENS] if server_to_server else [0, 0, 0]), received
+        assert torch.equal(outs[True], outs[False])
+    finally:
+        for c in clients:
+            c.shutdown()
+        for server in servers:
+            inprocess_swarm.stop_peer(server)

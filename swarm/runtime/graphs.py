@@ -50,7 +50,7 @@ class DecodeGraphs:
         self.model = model
         self.capture = capture
         self.disabled: str | None = None  # why graphs are off for this model, once a capture failed
-        self.recorded = 0  # graphs recorded (tests and `info` read it)
+        self.recorded = 0  # graphs recorded (with capture=False: static states made); tests and `info` read it
         self.record_s = 0.0  # time spent recording them
         self.replays = 0
         self._warmed_up = False
@@ -80,6 +80,8 @@ class DecodeGraphs:
                 return None
             try:
                 state = self._record(cache, key)
+            except torch.cuda.OutOfMemoryError:  # no room for this graph now; eager this time
+                return None
             except Exception as e:  # not capturable (data-dependent control flow, CPU syncs): eager from now on
                 self.disabled = f"{type(e).__name__}: {e}"
                 logger.warning("CUDA graphs off for this span (capture failed: %s); running eagerly", self.disabled)
@@ -140,6 +142,7 @@ class DecodeGraphs:
             slot=torch.full((1,), cache.length, dtype=torch.long, device=device),
             masks={w: torch.ones(rows, 1, 1, cache.capacity, dtype=torch.bool, device=device) for w in windows},
         )
+        self.recorded += 1
         if not self.capture:
             return state
         start = time.perf_counter()
@@ -147,25 +150,26 @@ class DecodeGraphs:
         if self._stream is None:
             self._stream = torch.cuda.Stream(device)
         self._stream.wait_stream(current)
-        with torch.cuda.stream(self._stream):  # recording needs a stream other than the default one
-            if not self._warmed_up:
-                # once per process: a plain run does the lazy inits (cuBLAS handles, workspaces) that must
-                # not happen while recording; it writes only the uncommitted slot `cache.length`
-                self._step(state, cache)
-                self._warmed_up = True
-            # capture_begin/end rather than `with torch.cuda.graph()`, whose entry runs gc.collect() and
-            # empties the allocator's cache: ~100 ms each time in a peer's process, for nothing here.
-            # A private memory pool per graph: a pool shared with graphs since freed trips an allocator
-            # assert (torch 2.11); a batch-1 step's activations are small
-            graph = torch.cuda.CUDAGraph()
-            torch.cuda.synchronize(device)
-            graph.capture_begin()
-            try:
-                state.out = self._step(state, cache)
-            finally:
-                graph.capture_end()
-        current.wait_stream(self._stream)
+        try:
+            with torch.cuda.stream(self._stream):  # recording needs a stream other than the default one
+                if not self._warmed_up:
+                    # once per process: a plain run does the lazy inits (cuBLAS handles, workspaces) that
+                    # must not happen while recording; it writes only the uncommitted slot `cache.length`
+                    self._step(state, cache)
+                    self._warmed_up = True
+                # capture_begin/end rather than `with torch.cuda.graph()`, whose entry runs gc.collect() and
+                # empties the allocator's cache. A private memory pool per graph: a pool shared with graphs
+                # since freed trips an allocator assert (torch 2.11); a batch-1 step's activations are small.
+                # "thread_local": the event loop thread may free another session's graph meanwhile
+                graph = torch.cuda.CUDAGraph()
+                torch.cuda.synchronize(device)
+                graph.capture_begin(capture_error_mode="thread_local")
+                try:
+                    state.out = self._step(state, cache)
+                finally:
+                    graph.capture_end()
+        finally:
+            current.wait_stream(self._stream)
         state.graph = graph
         self.record_s += time.perf_counter() - start
-        self.recorded += 1
         return state
