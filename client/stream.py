@@ -34,12 +34,11 @@ REPLY_MAX_BYTES = 1 << 30
 class SpanStream:
     """One open inference stream to one peer for blocks [hop.span.start, hop.span.end)."""
 
-    def __init__(self, hop: Hop, reader, writer, dtype: torch.dtype, config, addrs=(), opened: dict | None = None):
+    def __init__(self, hop: Hop, reader, writer, dtype: torch.dtype, config, opened: dict | None = None):
         self.hop = hop
         self.reader, self.writer = reader, writer
         self.dtype = dtype
         self.config = config
-        self.addrs = list(addrs)
         opened = opened or {}
         self.session_id = opened.get("session")
         self.wire_dtype = opened.get("dtype")
@@ -66,7 +65,7 @@ class SpanStream:
         except BaseException:
             writer.close()
             raise
-        return cls(hop, reader, writer, WIRE_DTYPES[dtype], config, addrs, reply)
+        return cls(hop, reader, writer, WIRE_DTYPES[dtype], config, reply)
 
     @staticmethod
     async def _reply(reader, hop: Hop, timeout_s: float) -> dict:
@@ -88,8 +87,8 @@ class SpanStream:
         steps); its token is good for that pusher and that position only."""
         if self.push_key is None:
             return None
-        return {"peer": self.hop.peer_id, "addrs": self.addrs[:8], "session": self.session_id,
-                "token": push_token(self.push_key, pusher, position), "step": self.steps, "dtype": self.wire_dtype}
+        return {"peer": self.hop.peer_id, "session": self.session_id, "token": push_token(self.push_key, pusher, position),
+                "step": self.steps, "dtype": self.wire_dtype}
 
     async def step(self, hidden, position_ids, valid, position: int, push=(), fallback: bool = False) -> torch.Tensor:
         """Send one step; return the peer's output hidden states ([batch, new, hidden], our dtype).

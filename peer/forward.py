@@ -44,9 +44,14 @@ RETRY_AFTER_S = 30.0  # after a failed push, this session pushes to that peer ag
 
 
 class ForwardLink:
-    def __init__(self, p2p, connect_timeout_s: float):
+    """`addrs_of(peer_id)`: where the next peer can be dialed, from its own signed DHT record of the next
+    block (None: it serves no such block, so it is not dialed at all). Never addresses from the client,
+    which could otherwise make a peer dial anything."""
+
+    def __init__(self, p2p, connect_timeout_s: float, addrs_of):
         self.p2p = p2p
         self.connect_timeout_s = connect_timeout_s
+        self._addrs_of = addrs_of
         self._target: tuple[str, int] | None = None  # (peer, session) the open stream leads to
         self._writer: asyncio.StreamWriter | None = None
         self._failed: dict[str, float] = {}  # peer -> monotonic time before which no push is tried
@@ -75,8 +80,11 @@ class ForwardLink:
 
     async def _open(self, target: PushTarget) -> asyncio.StreamWriter:
         peer_id = PeerID.from_base58(target.peer)
-        if target.addrs:
-            await connect(self.p2p, peer_id, target.addrs, self.connect_timeout_s)
+        addrs = await asyncio.wait_for(self._addrs_of(target.peer), timeout=self.connect_timeout_s)
+        if addrs is None:
+            raise LookupError(f"{target.peer} announces no record for the next block")
+        if addrs:
+            await connect(self.p2p, peer_id, addrs, self.connect_timeout_s)
         _, reader, writer = await asyncio.wait_for(
             self.p2p.call_binary_stream_handler(peer_id, FORWARD_HANDLER), timeout=self.connect_timeout_s
         )

@@ -22,8 +22,6 @@ class OpenRequest:
 
 
 MAX_PUSH_HOPS = 256
-MAX_PUSH_ADDRS = 8
-MAX_ADDR_CHARS = 256
 PUSH_TOKEN_CHARS = 32
 FLOAT_WIRE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -33,15 +31,14 @@ class PushTarget:
     """The next hop of a route, where a step's output goes straight after this peer computes it."""
 
     peer: str
-    addrs: tuple[str, ...]
     session: int
     token: str  # swarm.protocol.push_token: good for this pusher and this step's position only
     step: int
     dtype: str  # the next peer's wire dtype: the pushed hidden states travel in it
 
     def as_dict(self) -> dict:
-        return {"peer": self.peer, "addrs": list(self.addrs), "session": self.session, "token": self.token,
-                "step": self.step, "dtype": self.dtype}
+        return {"peer": self.peer, "session": self.session, "token": self.token, "step": self.step,
+                "dtype": self.dtype}
 
 
 @dataclass(frozen=True)
@@ -125,12 +122,8 @@ def parse_push(value) -> tuple[PushTarget, ...]:
     for i, hop in enumerate(hops):
         hop = require(hop, dict, f"push[{i}]")
         peer = require(hop.get("peer"), str, f"push[{i}].peer")
-        addrs = require(hop.get("addrs"), list, f"push[{i}].addrs")
-        if not 0 < len(peer) <= 128 or len(addrs) > MAX_PUSH_ADDRS:
-            raise ProtocolError(f"field 'push[{i}]': peer id of 1..128 chars and at most {MAX_PUSH_ADDRS} addrs")
-        for addr in addrs:
-            if not isinstance(addr, str) or not addr.startswith("/") or len(addr) > MAX_ADDR_CHARS:
-                raise ProtocolError(f"field 'push[{i}].addrs': multiaddr strings of at most {MAX_ADDR_CHARS} chars")
+        if not 0 < len(peer) <= 128:
+            raise ProtocolError(f"field 'push[{i}].peer': a peer id of 1..128 chars")
         token = require(hop.get("token"), str, f"push[{i}].token")
         if len(token) != PUSH_TOKEN_CHARS:
             raise ProtocolError(f"field 'push[{i}].token': expected {PUSH_TOKEN_CHARS} chars")
@@ -138,7 +131,7 @@ def parse_push(value) -> tuple[PushTarget, ...]:
         if dtype not in FLOAT_WIRE_DTYPES:
             raise ProtocolError(f"field 'push[{i}].dtype': {dtype!r} is not one of {', '.join(FLOAT_WIRE_DTYPES)}")
         targets.append(PushTarget(
-            peer, tuple(addrs), require_int(hop.get("session"), f"push[{i}].session", 0, 1 << 62), token,
+            peer, require_int(hop.get("session"), f"push[{i}].session", 0, 1 << 62), token,
             require_int(hop.get("step"), f"push[{i}].step", 0, 1 << 62), dtype,
         ))
     return tuple(targets)

@@ -341,7 +341,8 @@ class PeerServer:
     async def _serve_steps(self, session: Session, reader, writer) -> None:
         ahead = asyncio.Semaphore(CLIENT_READ_AHEAD)
         reading = asyncio.create_task(self._read_client(session, reader, ahead))
-        link = ForwardLink(self.p2p, self.config.forward_timeout_s)
+        link = ForwardLink(self.p2p, self.config.forward_timeout_s,
+                           lambda peer: self._addrs_of(peer, next_block=session.blocks[1]))
         try:
             while True:
                 source, message = await asyncio.wait_for(session.inbox.get(), self.config.session_idle_timeout_s)
@@ -410,6 +411,13 @@ class PeerServer:
         # in-band drain notice: the client learns it on this step, whatever the DHT says
         await write_message(writer, {**result, **self._drain_fields()})
         return True
+
+    async def _addrs_of(self, peer_id: str, next_block: int) -> list[str] | None:
+        """The addresses peer `peer_id` announces in its record of `next_block` (None if it has none)."""
+        found = await records.fetch_block_range(self.dht, self.model_id, range(next_block, next_block + 1),
+                                                timeout_s=self.config.forward_timeout_s, latest=False)
+        record = found.get(next_block, {}).get(peer_id)
+        return list(record.addrs) if record is not None else None
 
     async def _handle_forward(self, stream_info, reader, writer) -> None:
         """Steps pushed by the previous peer of a route: each names a session here and shows a push token

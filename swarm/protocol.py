@@ -14,8 +14,9 @@ Draining: a peer that is leaving refuses new sessions (error code ERROR_DRAINING
 "info"; older clients ignore the unknown field.
 
 Server-to-server steps: a "step" may carry "push", the rest of the route after this hop: a list of
-{"peer", "addrs", "session", "token", "step", "dtype"} (the next hops' peer ids, addresses, session
-ids, push tokens, the step id that hop expects and its wire dtype). After computing, the peer sends the
+{"peer", "session", "token", "step", "dtype"} (the next hops' peer ids, session ids, push tokens, the
+step id that hop expects and its wire dtype). A peer dials the next one only at the addresses of that
+peer's own DHT record for the next block, never at addresses a client names. After computing, the peer sends the
 step on to push[0] over FORWARD_HANDLER (the same "step" message in push[0]'s dtype, plus "session"
 and "token", with "push" = push[1:]) before replying to its client with "pushed": true. A push token
 is `push_token(key, pusher, position)`: an HMAC, under the session's secret push key (from its "opened"

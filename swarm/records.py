@@ -505,8 +505,20 @@ async def fetch_blocks(
     within `timeout_s` come back empty. latest=True asks every replica (slower, complete); False stops
     at the first node that has the key.
     """
+    return await fetch_block_range(node, model_id, range(num_blocks), timeout_s=timeout_s, latest=latest)
+
+
+async def fetch_block_range(
+    node: DHTNode,
+    model_id: str,
+    blocks: range,
+    *,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    latest: bool = True,
+) -> dict[int, dict[str, BlockRecord]]:
+    """`fetch_blocks` for some blocks only."""
     check_model_id(model_id)
-    keys = {block_key(model_id, block): block for block in range(num_blocks)}
+    keys = {block_key(model_id, block): block for block in blocks}
     found = await _get_many(node, list(keys), timeout_s, latest)
     blocks: dict[int, dict[str, BlockRecord]] = {}
     for key, block in keys.items():
