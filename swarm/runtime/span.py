@@ -82,7 +82,7 @@ class _Step:
         self.sizes = [rows * new for rows, new in self.shapes]
 
     def split(self, packed: torch.Tensor) -> list[torch.Tensor]:
-        """[1, heads, total, dim] -> each segment's [rows, heads, new, dim] (views, one split per layer)."""
+        """[1, heads, total, dim] -> each segment's [rows, heads, new, dim] (views from one split call)."""
         parts = packed[0].split(self.sizes, dim=1) if len(self.sizes) > 1 else (packed[0],)
         return [part.unsqueeze(0) if rows == 1 else part.unflatten(1, (rows, new)).transpose(0, 1)
                 for part, (rows, new) in zip(parts, self.shapes, strict=True)]
@@ -166,7 +166,8 @@ class SpanModel(nn.Module):
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self.bytes_per_block_token = 2 * c.num_key_value_heads * head_dim * first.element_size()
         # single-session decode steps replay a CUDA graph (swarm.runtime.graphs); CUDA only
-        self.graphs = DecodeGraphs(self) if cuda_graphs and self.device.type == "cuda" else None
+        # (their attention is SDPA's: not for a span that runs eager attention)
+        self.graphs = DecodeGraphs(self) if cuda_graphs and self.device.type == "cuda" and not self._eager else None
 
     def new_cache(self, rows: int, max_length: int, budget: KVBudget | None = None,
                   blocks: tuple[int, int] | None = None) -> KVCache:
