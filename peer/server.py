@@ -415,7 +415,7 @@ class PeerServer:
     async def _addrs_of(self, peer_id: str, next_block: int) -> list[str] | None:
         """The addresses peer `peer_id` announces in its record of `next_block` (None if it has none)."""
         found = await records.fetch_block_range(self.dht, self.model_id, range(next_block, next_block + 1),
-                                                timeout_s=self.config.forward_timeout_s, latest=False)
+                                                timeout_s=self.config.forward_timeout_s, latest=True)
         record = found.get(next_block, {}).get(peer_id)
         return list(record.addrs) if record is not None else None
 
