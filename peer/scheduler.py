@@ -198,6 +198,7 @@ class Scheduler:
             outs = self.model.run(segments, may_record=self._lone_iterations >= QUIET_ITERATIONS)
             hidden_size = outs[0].shape[-1]
             flat = torch.cat([o.reshape(-1, hidden_size) for o in outs]).cpu() if len(outs) > 1 else outs[0].cpu()
+            flat = flat.reshape(-1, hidden_size)  # [token rows of every segment, hidden]
         except Exception as e:  # e.g. out of device memory: these steps fail, the peer goes on
             logger.exception("batched forward of %d segments failed", len(segments))
             with self._cond:
@@ -215,7 +216,7 @@ class Scheduler:
         with self._cond:
             for (work, n), seg in zip(batch, segments, strict=True):
                 size = seg.rows * seg.new
-                work.outputs.append(flat.reshape(-1, flat.shape[-1])[offset : offset + size].view(seg.rows, n, -1))
+                work.outputs.append(flat[offset : offset + size].view(seg.rows, n, -1))
                 offset += size
                 work.done += n
                 if work.left == 0 and work in self._queue:

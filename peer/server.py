@@ -414,8 +414,9 @@ class PeerServer:
 
     async def _addrs_of(self, peer_id: str, next_block: int) -> list[str] | None:
         """The addresses peer `peer_id` announces in its record of `next_block` (None if it has none)."""
-        found = await records.fetch_block_range(self.dht, self.model_id, range(next_block, next_block + 1),
-                                                timeout_s=self.config.forward_timeout_s, latest=True)
+        found = await records.fetch_blocks(self.dht, self.model_id, self.model_config.num_hidden_layers,
+                                           blocks=range(next_block, next_block + 1),
+                                           timeout_s=self.config.forward_timeout_s)
         record = found.get(next_block, {}).get(peer_id)
         return list(record.addrs) if record is not None else None
 
@@ -435,8 +436,9 @@ class PeerServer:
                 except ProtocolError as e:
                     logger.info("bad forwarded step from %s: %s", pusher, e)
                     return
-                expected = session and push_token(session.push_key, pusher, position)
-                if session is None or not hmac.compare_digest(token.encode(), expected.encode()):
+                if session is None or not hmac.compare_digest(
+                    token.encode(), push_token(session.push_key, pusher, position).encode()
+                ):
                     self.forward_stats.rejected += 1  # unknown session, or not this pusher's or position's token
                     continue
                 if session.forwards_queued < FORWARD_BACKLOG:

@@ -497,37 +497,28 @@ async def fetch_blocks(
     *,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     latest: bool = True,
+    blocks: range | None = None,
 ) -> dict[int, dict[str, BlockRecord]]:
-    """Every block's valid records, {block: {peer_id: record}} (an empty dict where nobody serves it).
+    """Every block's valid records, {block: {peer_id: record}} (an empty dict where nobody serves it);
+    `blocks`: only these blocks (default: all `num_blocks`).
 
     Entries that fail decoding, name another model/block than their key, or whose subkey peer id
     does not match its owner key are dropped (logged at debug). Keys whose lookup does not finish
     within `timeout_s` come back empty. latest=True asks every replica (slower, complete); False stops
     at the first node that has the key.
     """
-    return await fetch_block_range(node, model_id, range(num_blocks), timeout_s=timeout_s, latest=latest)
-
-
-async def fetch_block_range(
-    node: DHTNode,
-    model_id: str,
-    blocks: range,
-    *,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
-    latest: bool = True,
-) -> dict[int, dict[str, BlockRecord]]:
-    """`fetch_blocks` for some blocks only."""
     check_model_id(model_id)
+    blocks = range(num_blocks) if blocks is None else blocks
     keys = {block_key(model_id, block): block for block in blocks}
     found = await _get_many(node, list(keys), timeout_s, latest)
-    blocks: dict[int, dict[str, BlockRecord]] = {}
-    for key, block in keys.items():
-        blocks[block] = {
+    return {
+        block: {
             peer_id: record
             for peer_id, record in _decode_entries(key, found.get(key))
             if isinstance(record, BlockRecord)
         }
-    return blocks
+        for key, block in keys.items()
+    }
 
 
 async def fetch_models(
