@@ -29,6 +29,19 @@ from swarm.protocol import (
 )
 
 REPLY_MAX_BYTES = 1 << 30
+READ_ERRORS = (asyncio.IncompleteReadError, ConnectionError, ProtocolError)
+
+
+def _read_failure(error: BaseException, hop: Hop) -> PeerError:
+    """A reply that could not be read: the stream closed, or what came was malformed."""
+    if isinstance(error, ProtocolError):
+        return PeerError(f"malformed reply: {error}", peer=hop.peer_id)
+    return PeerError(f"stream closed: {error!r}", peer=hop.peer_id)
+
+
+def _raise_refusal(reply: dict, hop: Hop) -> None:
+    if reply.get("type") == "error":
+        raise PeerRefused(f"peer error ({reply.get('code')}): {reply.get('message')}", peer=hop.peer_id)
 
 
 class SpanStream:
@@ -69,17 +82,14 @@ class SpanStream:
 
     @staticmethod
     async def _reply(reader, hop: Hop, timeout_s: float) -> dict:
+        """The reply to `open` (nothing else can be in flight yet); a failure is the peer's."""
         try:
             reply = await asyncio.wait_for(read_message(reader, REPLY_MAX_BYTES), timeout=timeout_s)
         except TimeoutError:
             raise PeerError(f"no reply within {timeout_s} s", peer=hop.peer_id) from None
-        except (asyncio.IncompleteReadError, ConnectionError) as e:
-            raise PeerError(f"stream closed: {e!r}", peer=hop.peer_id) from None
-        except ProtocolError as e:
-            raise PeerError(f"malformed reply: {e}", peer=hop.peer_id) from None
-        if reply.get("type") == "error":
-            text = f"peer error ({reply.get('code')}): {reply.get('message')}"
-            raise PeerRefused(text, peer=hop.peer_id)
+        except READ_ERRORS as e:
+            raise _read_failure(e, hop) from None
+        _raise_refusal(reply, hop)
         return reply
 
     def push_target(self, pusher: str, position: int) -> dict | None:
@@ -130,10 +140,8 @@ class SpanStream:
             self._reading = asyncio.ensure_future(read_message(self.reader, REPLY_MAX_BYTES))
         try:
             reply = await asyncio.wait_for(asyncio.shield(self._reading), timeout=timeout_s)
-        except (asyncio.IncompleteReadError, ConnectionError) as e:
-            raise PeerError(f"stream closed: {e!r}", peer=self.hop.peer_id) from None
-        except ProtocolError as e:
-            raise PeerError(f"malformed reply: {e}", peer=self.hop.peer_id) from None
+        except READ_ERRORS as e:
+            raise _read_failure(e, self.hop) from None
         self._reading = None
         return reply
 
@@ -147,8 +155,7 @@ class SpanStream:
     def _check(self, reply: dict, hidden, position: int) -> torch.Tensor:
         """Error replies raise; a result must be this step's (step id, position after it) and is checked
         strictly, then returned as a tensor."""
-        if reply.get("type") == "error":
-            raise PeerRefused(f"peer error ({reply.get('code')}): {reply.get('message')}", peer=self.hop.peer_id)
+        _raise_refusal(reply, self.hop)
         try:
             out = unpack_tensor(reply.get("hidden"), "hidden", rank=3)
             deadline = reply.get("drain_deadline")
