@@ -56,12 +56,8 @@ def log(message: str) -> None:
     print(f"[bench_decode {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--peers", help="comma-separated peer counts (default 1,2,4; 1,2 with --llama8b)")
-    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run (N)")
-    p.add_argument("--prompt-tokens", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=3)
+def add_model_args(p: argparse.ArgumentParser, threads_help: str) -> None:
+    """The model and machine flags of every benchmark here (what `prepare_model` reads)."""
     p.add_argument("--num-layers", type=int, default=8, help="tiny model: blocks")
     p.add_argument("--hidden-size", type=int, default=64, help="tiny model: hidden size")
     p.add_argument("--family", default="llama", help="tiny model family (swarm.tiny.FAMILIES)")
@@ -70,14 +66,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: local model, client head, peers")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on CPU, bfloat16 otherwise")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads here (local model, client) and in each peer (--num-threads)")
+    p.add_argument("--threads", type=int, default=1, help=threads_help)
     p.add_argument("--work-dir", help="where checkpoints go (kept; an 8B one there is reused); default: temp")
+
+
+def finish_model_args(args: argparse.Namespace) -> None:
+    args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--peers", help="comma-separated peer counts (default 1,2,4; 1,2 with --llama8b)")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run (N)")
+    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3)
+    add_model_args(p, threads_help="torch CPU threads here (local model, client) and in each peer (--num-threads)")
     p.add_argument("--no-breakdown", action="store_true", help="skip the probed generation per swarm")
     p.add_argument("--peer-flags", default="", help="more `swarm peer` flags, e.g. --peer-flags=--no-cuda-graphs")
     p.add_argument("--startup-timeout-s", type=float, default=300.0)
     args = p.parse_args(argv)
-    args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    finish_model_args(args)
     args.peers = [int(n) for n in (args.peers or ("1,2" if args.llama8b else "1,2,4")).split(",")]
     if args.new_tokens < 3:
         p.error("--new-tokens must be >= 3 (a decode rate needs two decode steps)")

@@ -43,7 +43,17 @@ from pathlib import Path
 
 import bench_decode  # benchmarks/bench_decode.py, beside this file
 import torch
-from bench_decode import even_spans, figures, machine_info, model_info, prepare_model, quantile, timed_runs
+from bench_decode import (
+    add_model_args,
+    even_spans,
+    figures,
+    finish_model_args,
+    machine_info,
+    model_info,
+    prepare_model,
+    quantile,
+    timed_runs,
+)
 
 from client import ClientConfig, DistributedModelForCausalLM, loop
 from client.launcher import SWARM, LocalSwarm
@@ -65,22 +75,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per session (N)")
     p.add_argument("--ttft-prompt-tokens", type=int, help="TTFT prompt (default: 512 CPU, 2048 GPU)")
     p.add_argument("--repeats", type=int, default=3, help="runs of single stream, TTFT and C = 1 (medians)")
-    p.add_argument("--num-layers", type=int, default=8, help="tiny model: blocks")
-    p.add_argument("--hidden-size", type=int, default=64, help="tiny model: hidden size")
-    p.add_argument("--family", default="llama", help="tiny model family (swarm.tiny.FAMILIES)")
-    p.add_argument("--model", help="an existing checkpoint folder instead of a built one")
-    p.add_argument("--llama8b", action="store_true", help="build a random Llama-3-8B-shaped model, 16 GB")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: local model, client head, peers")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="default: float32 on CPU, bfloat16 otherwise")
     p.add_argument("--client-procs", type=int, default=4,
                    help="client worker processes the C sessions are spread over (min(C, this) take part)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads here, in each client and peer")
-    p.add_argument("--work-dir", help="where checkpoints go (kept; an 8B one there is reused); default: temp")
+    add_model_args(p, threads_help="torch CPU threads here, in each client and peer")
     p.add_argument("--startup-timeout-s", type=float, default=300.0)
-    p.add_argument("--peer-flags", default="", help="more `swarm peer` flags, e.g. --peer-flags=--batch-wait-ms=2")
+    p.add_argument("--peer-flags", default="", help="more `swarm peer` flags, e.g. --peer-flags=--no-cuda-graphs")
     args = p.parse_args(argv)
-    args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    finish_model_args(args)
     args.concurrency = sorted({1, *(int(c) for c in args.concurrency.split(","))})
     args.ttft_prompt_tokens = args.ttft_prompt_tokens or (512 if args.device == "cpu" else 2048)
     if args.client_procs < 1:

@@ -19,7 +19,7 @@ import time
 
 import bench_decode  # benchmarks/bench_decode.py, beside this file
 import torch
-from bench_decode import machine_info, prepare_model
+from bench_decode import add_model_args, finish_model_args, machine_info, prepare_model
 
 from swarm.runtime import SpanModel, load_span
 from swarm.runtime.span import Segment
@@ -38,17 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--blocks", type=int, help="serve blocks [0, N) (default: all)")
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--steps", type=int, default=64, help="decode steps timed")
-    p.add_argument("--num-layers", type=int, default=8, help="tiny model: blocks")
-    p.add_argument("--hidden-size", type=int, default=64, help="tiny model: hidden size")
-    p.add_argument("--family", default="llama")
-    p.add_argument("--model", help="an existing checkpoint folder instead of a built one")
-    p.add_argument("--llama8b", action="store_true", help="build a random Llama-3-8B-shaped model, 16 GB")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--work-dir")
+    add_model_args(p, threads_help="torch CPU threads")
     args = p.parse_args(argv)
-    args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    finish_model_args(args)
     return args
 
 
