@@ -89,10 +89,14 @@ class Scheduler:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
+        """Fail the queued steps and wait (up to `timeout`) for the forward in flight to end: no thread may
+        still be inside torch when the interpreter finalizes (that aborts the process)."""
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
 
     # ---------------------------------------------------------------- event loop side
 

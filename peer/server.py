@@ -170,8 +170,8 @@ class PeerServer:
         if self.p2p is not None:
             await self.p2p.shutdown()
         if self.scheduler is not None:
-            self.scheduler.stop()
-        self._compute.shutdown(wait=False, cancel_futures=True)
+            await asyncio.to_thread(self.scheduler.stop)
+        await asyncio.to_thread(self._compute.shutdown, wait=True, cancel_futures=True)
 
     def begin_drain(self, deadline: float) -> None:
         """From now on refuse new sessions (error code ERROR_DRAINING) and tell `deadline` (unix time) in
