@@ -21,6 +21,7 @@ class ClientConfig:
     # whose pushed step has not answered within forward_wait_s (plus the per-token part) gets it from us
     server_to_server: bool = True
     forward_wait_s: float = 2.0
+    direct: bool = True  # streams to peers' direct TLS ports where they announce one (else through p2pd)
     route_poll_s: float = 1.0
     ping_timeout_s: float = 2.0  # an info round trip measures each candidate's latency
     blocked_peers: tuple[str, ...] = ()  # peer ids never to route through (untrusted, or a test's choice)

@@ -102,7 +102,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         async with self._transport_lock:
             if self._transport is None:
                 self._transport = await HivemindTransport.create(
-                    self.client_config.initial_peers, self.client_config.connect_timeout_s
+                    self.client_config.initial_peers, self.client_config.connect_timeout_s,
+                    direct=self.client_config.direct,
                 )
         return self._transport
 

@@ -14,12 +14,15 @@ from typing import Protocol
 from hivemind.p2p import PeerID
 
 from swarm import records
+from swarm.direct import DirectDialer
 from swarm.errors import PeerError, PeerRefused, VersionMismatch
 from swarm.identity import Identity
 from swarm.net import NodeSettings, connect, start_dht, start_p2p
 from swarm.protocol import INFO_HANDLER, read_message, write_message
 
 logger = logging.getLogger(__name__)
+
+DIRECT_TIMEOUT_S = 3.0  # a direct stream not open by then: p2pd instead (a firewall may drop the packets)
 
 
 class Transport(Protocol):
@@ -35,14 +38,22 @@ class Transport(Protocol):
 
 
 class HivemindTransport:
-    """Transport over hivemind's p2pd and a client-mode DHT node, living in the caller's event loop."""
+    """Transport over hivemind's p2pd and a client-mode DHT node, living in the caller's event loop.
 
-    def __init__(self, p2p, dht):
+    Streams go straight to a peer's direct TLS port (swarm.direct) when its latest DHT record announces
+    one and it answers (`direct`: True), else through p2pd; a direct address that failed is skipped for a
+    while. The direct streams are authenticated with the same identity key as p2pd's."""
+
+    def __init__(self, p2p, dht, dialer: DirectDialer | None = None):
         self.p2p = p2p
         self.dht = dht
+        self.dialer = dialer
+        self._direct: dict[str, tuple[str, ...]] = {}  # peer id -> its direct addresses, from its records
 
     @classmethod
-    async def create(cls, initial_peers: Sequence[str], timeout_s: float = 30.0) -> HivemindTransport:
+    async def create(
+        cls, initial_peers: Sequence[str], timeout_s: float = 30.0, *, direct: bool = True
+    ) -> HivemindTransport:
         identity = Identity.load_or_create(None)
         settings = NodeSettings(
             initial_peers=tuple(initial_peers), client_mode=True, startup_timeout_s=timeout_s,
@@ -57,12 +68,21 @@ class HivemindTransport:
         except BaseException:
             await p2p.shutdown()
             raise
-        return cls(p2p, dht)
+        return cls(p2p, dht, DirectDialer(identity.private_key) if direct else None)
 
     async def fetch_blocks(self, model_id: str, num_blocks: int) -> dict[int, dict[str, records.BlockRecord]]:
-        return await records.fetch_blocks(self.dht, model_id, num_blocks)
+        found = await records.fetch_blocks(self.dht, model_id, num_blocks)
+        for block_records in found.values():
+            for peer, record in block_records.items():
+                self._direct[peer] = record.direct
+        return found
 
     async def open_stream(self, peer_id: str, addrs: Sequence[str], handler: str, timeout_s: float):
+        direct = self._direct.get(peer_id)
+        if direct and self.dialer is not None:
+            opened = await self.dialer.open_any(peer_id, direct, handler, min(timeout_s, DIRECT_TIMEOUT_S))
+            if opened is not None:
+                return opened
         pid = PeerID.from_base58(peer_id)
         try:
             if addrs:

@@ -34,6 +34,7 @@ class Announcer:
             cache_tokens_left=max(0, s.sessions.cache_tokens_left), active_sessions=s.sessions.active,
             queued_tokens=s.scheduler.queued_tokens,
             public_name=s.config.public_name, addrs=tuple(s.addrs[: records.MAX_ADDRS]),
+            direct=tuple(s.direct_addrs[: records.MAX_ADDRS]),
             drain_deadline=s.drain_deadline if state == "draining" else None,
         )
 

@@ -33,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of a bootstrap node or any peer")
     p.add_argument("--host", default=d["host"], help="address to listen on (0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, default=d["port"], help="libp2p TCP port (0 = any free port)")
+    p.add_argument("--direct-port", type=int, default=d["direct_port"],
+                   help="TCP port for direct TLS streams beside libp2p (the fast path for steps; 0 = any free port); "
+                        "open it in your firewall like --port")
+    p.add_argument("--no-direct", dest="direct_port", action="store_const", const=None,
+                   help="serve over libp2p only (no direct streams)")
     p.add_argument("--announce-maddrs", nargs="*", default=[], help="addresses others should dial (NAT, relay)")
     p.add_argument("--identity", help="identity file; created if missing, a restart with it is the same peer")
     p.add_argument("--model-id", help="name announced for the model (default: the checkpoint folder's name)")
@@ -85,7 +90,7 @@ def parse_size(text: str) -> int | str:
 def config_from_args(args: argparse.Namespace) -> PeerConfig:
     return PeerConfig(
         model_path=args.model, span=Span.parse(args.blocks), initial_peers=tuple(args.initial_peers),
-        host=args.host, port=args.port, announce_maddrs=tuple(args.announce_maddrs), identity_path=args.identity,
+        host=args.host, port=args.port, direct_port=args.direct_port, announce_maddrs=tuple(args.announce_maddrs), identity_path=args.identity,
         model_id=args.model_id, public_name=args.public_name, health_url=args.health_url, device=args.device, dtype=args.dtype,
         cache_tokens=args.cache_tokens, cache_bytes=args.cache_bytes,
         max_sessions_per_client=args.max_sessions_per_client, max_batch_tokens=args.max_batch_tokens,

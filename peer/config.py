@@ -17,6 +17,7 @@ class PeerConfig:
     host: str = "127.0.0.1"
     port: int = 0
     announce_maddrs: tuple[str, ...] = ()
+    direct_port: int | None = 0  # TCP port of direct TLS streams (swarm.direct); 0 = any free port, None = off
     identity_path: str | None = None
     model_id: str | None = None  # default: the checkpoint folder's name
     public_name: str = ""

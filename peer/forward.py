@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 
 from hivemind.p2p import PeerID
 
+from swarm.direct import DirectDialer
 from swarm.net import connect
 from swarm.protocol import FORWARD_HANDLER, PROTOCOL_MINOR, write_message
 
@@ -44,14 +45,16 @@ RETRY_AFTER_S = 30.0  # after a failed push, this session pushes to that peer ag
 
 
 class ForwardLink:
-    """`addrs_of(peer_id)`: where the next peer can be dialed, from its own signed DHT record of the next
-    block (None when there is none: then only what p2pd already knows of that peer is tried). Never
-    addresses from the client, which could otherwise make a peer dial anything."""
+    """`record_of(peer_id)`: the next peer's own signed DHT record of the next block, which says where it
+    can be dialed: its direct TLS port first (swarm.direct), else through p2pd (None when there is no
+    record: then only what p2pd already knows of that peer is tried). Never addresses from the client,
+    which could otherwise make a peer dial anything."""
 
-    def __init__(self, p2p, connect_timeout_s: float, addrs_of):
+    def __init__(self, p2p, dialer: DirectDialer | None, connect_timeout_s: float, record_of):
         self.p2p = p2p
+        self.dialer = dialer
         self.connect_timeout_s = connect_timeout_s
-        self._addrs_of = addrs_of
+        self._record_of = record_of
         self._target: tuple[str, int] | None = None  # (peer, session) the open stream leads to
         self._writer: asyncio.StreamWriter | None = None
         self._failed: dict[str, float] = {}  # peer -> monotonic time before which no push is tried
@@ -81,12 +84,16 @@ class ForwardLink:
     async def _open(self, target: PushTarget) -> asyncio.StreamWriter:
         peer_id = PeerID.from_base58(target.peer)
         try:
-            addrs = await self._addrs_of(target.peer)  # bounded by its own DHT timeout
+            record = await self._record_of(target.peer)  # bounded by its own DHT timeout
         except Exception as e:  # a DHT hiccup: p2pd may still know the peer
             logger.debug("no DHT record of %s for a push: %r", target.peer[-6:], e)
-            addrs = None
-        if addrs:
-            await connect(self.p2p, peer_id, addrs, self.connect_timeout_s)
+            record = None
+        if record is not None and record.direct and self.dialer is not None:
+            opened = await self.dialer.open_any(target.peer, record.direct, FORWARD_HANDLER, self.connect_timeout_s)
+            if opened is not None:
+                return opened[1]
+        if record is not None and record.addrs:
+            await connect(self.p2p, peer_id, record.addrs, self.connect_timeout_s)
         # no record found (yet): p2pd may still know the peer from the swarm's own traffic
         _, reader, writer = await asyncio.wait_for(
             self.p2p.call_binary_stream_handler(peer_id, FORWARD_HANDLER), timeout=self.connect_timeout_s

@@ -14,8 +14,13 @@ Memory: before a chunk runs, its session's cache reserves the pages it needs. Wh
 room the step stays queued (and `memory_waiters` tells admission to let no new session in) until a
 session closes; nothing running is evicted.
 
-Threads: `submit`, `release` and the properties run on the event loop thread; the forward and every
-cache mutation on the compute thread. One lock guards the queue and the set of caches in flight.
+Threads: `submit`, `release` and the properties run on the event loop thread; forwards and cache
+mutations on the compute thread, except one case: the step of a session the caller says is alone on
+the peer (`submit(..., alone=True)`), small (a decode step) and submitted while nothing else is queued
+or running, runs at once on the event loop thread ("inline"). That saves the two thread hand-offs a lone
+session would pay per step (~0.3 ms on a 2-core machine). With two sessions or more every step goes to
+the compute thread, so steps that arrive together are batched. One lock guards the queue and the set of
+caches in flight.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from swarm.runtime.span import Segment, SpanModel
 logger = logging.getLogger(__name__)
 
 MEMORY_RETRY_S = 0.05  # how often steps waiting for KV pages look again (a close also wakes them)
+INLINE_MAX_TOKENS = 64  # token rows of a step that may run inline (a lone decode step, not a prompt)
 QUIET_ITERATIONS = 8  # a lone step may record a CUDA graph after this many iterations of one segment each
 
 
@@ -46,6 +52,7 @@ class _Work:
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     enqueued_s: float = field(default_factory=time.monotonic)
+    thread: int = field(default_factory=threading.get_ident)  # the event loop's thread (submit runs there)
     done: int = 0  # tokens (per row) already run
     outputs: list[torch.Tensor] = field(default_factory=list)
     started: bool = False
@@ -83,6 +90,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._stopped = False
         self._memory_wait = False
+        self._inline_busy = False  # the event loop thread runs a step itself: the compute thread keeps off
         self._lone_iterations = 0  # consecutive iterations of a single segment (CUDA graphs pay then)
         self._thread = threading.Thread(target=self._serve, name="scheduler", daemon=True)
 
@@ -100,15 +108,30 @@ class Scheduler:
 
     # ---------------------------------------------------------------- event loop side
 
-    def submit(self, cache: KVCache, hidden, position_ids, valid) -> asyncio.Future:
-        """Queue one step of a session; the future gets its output [rows, new, hidden] on the CPU."""
+    def submit(self, cache: KVCache, hidden, position_ids, valid, *, alone: bool = False) -> asyncio.Future:
+        """Queue one step of a session; the future gets its output [rows, new, hidden] on the CPU.
+        `alone`: no other session is open here, so a small step may run inline (see the module doc)."""
         loop = asyncio.get_running_loop()
         work = _Work(cache, hidden, position_ids, valid, loop.create_future(), loop)
         with self._cond:
             if self._stopped:
                 raise RuntimeError("the scheduler is stopped")
+            lone = alone and not self._queue and not self._running and hidden.shape[0] * hidden.shape[1] <= min(
+                INLINE_MAX_TOKENS, self.max_batch_tokens) and hidden.shape[1] <= self.prefill_chunk_tokens
             self._queue.append(work)
-            self._cond.notify_all()
+            batch = self._take() if lone else []
+            if not batch:
+                self._cond.notify_all()
+                return work.future
+            self._inline_busy = True
+            self._running = {cache}
+        try:
+            self._run(batch)
+        finally:
+            self._after_run()
+            with self._cond:
+                self._inline_busy = False
+                self._cond.notify_all()
         return work.future
 
     def release(self, cache: KVCache) -> None:
@@ -138,7 +161,7 @@ class Scheduler:
     def _serve(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._stopped:
+                while (not self._queue or self._inline_busy) and not self._stopped:
                     self._cond.wait()
                 if self._stopped:
                     for work in self._queue:
@@ -152,11 +175,14 @@ class Scheduler:
             try:
                 self._run(batch)
             finally:
-                with self._cond:
-                    self._running = set()
-                    for cache in self._to_free:
-                        cache.free()
-                    self._to_free.clear()
+                self._after_run()
+
+    def _after_run(self) -> None:
+        with self._cond:
+            self._running = set()
+            for cache in self._to_free:
+                cache.free()
+            self._to_free.clear()
 
     def _take(self) -> list[tuple[_Work, int]]:
         """Pick this iteration's chunks (called with the lock held): FIFO, one block range, token budget."""
@@ -243,6 +269,9 @@ def _resolve(work: _Work, *, result=None, error: BaseException | None = None, ca
         else:
             work.future.set_result(result)
 
+    if threading.get_ident() == work.thread:  # an inline step: its waiter has not even started waiting
+        settle()
+        return
     try:
         work.loop.call_soon_threadsafe(settle)
     except RuntimeError:  # the loop is closed: nobody waits any more

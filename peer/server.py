@@ -20,7 +20,8 @@ import torch
 
 import swarm
 from swarm import records
-from swarm.errors import PeerRefused, ProtocolError
+from swarm.direct import DirectDialer, DirectServer, direct_addrs
+from swarm.errors import ConfigError, PeerRefused, ProtocolError
 from swarm.identity import Identity
 from swarm.net import NodeSettings, start_dht, start_p2p, visible_maddrs
 from swarm.protocol import (
@@ -90,6 +91,9 @@ class PeerServer:
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self._tasks: list[asyncio.Task] = []
         self.addrs: list[str] = []
+        self.direct: DirectServer | None = None  # direct TLS streams beside p2pd (swarm.direct)
+        self.direct_addrs: list[str] = []
+        self.dialer: DirectDialer | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -146,6 +150,18 @@ class PeerServer:
         await self.p2p.add_binary_stream_handler(FORWARD_HANDLER, self._handle_forward)
         self.dht = await start_dht(self.p2p, settings, records.make_record_validator(self.identity))
         self.addrs = await visible_maddrs(self.p2p)
+        self.dialer = DirectDialer(self.identity.private_key)
+        if self.config.direct_port is not None:
+            self.direct = DirectServer(self.identity.private_key, self.peer_id, {
+                INFERENCE_HANDLER: self._handle_inference, INFO_HANDLER: self._handle_info,
+                FORWARD_HANDLER: self._handle_forward,
+            })
+            try:
+                port = await self.direct.start(self.config.host, self.config.direct_port)
+            except OSError as e:
+                raise ConfigError(f"direct port {self.config.direct_port} on {self.config.host}: {e.strerror}; "
+                                  "pick another --direct-port (0 for any) or pass --no-direct") from e
+            self.direct_addrs = direct_addrs(self.config.announce_maddrs or self.addrs, port)
         await self.announcer.announce("joining")
         self.state = "online"
         await self.announcer.announce("online")
@@ -165,6 +181,8 @@ class PeerServer:
                 await asyncio.wait_for(self.announcer.announce("offline"), timeout=5)
             except (TimeoutError, OSError) as e:
                 logger.warning("could not announce offline: %s", e)
+        if self.direct is not None:
+            await self.direct.close()
         if self.dht is not None:
             await self.dht.shutdown()
         if self.p2p is not None:
@@ -229,6 +247,9 @@ class PeerServer:
             "scheduler": self.scheduler.stats.as_dict(),
             "forward": self.forward_stats.as_dict(),
         }
+        if self.direct is not None:
+            fields["direct"] = {"addrs": self.direct_addrs, "accepted": self.direct.accepted,
+                                "refused": self.direct.refused}
         graphs = self.span_model.graphs
         if graphs is not None:
             fields["cuda_graphs"] = {"recorded": graphs.recorded, "record_ms": round(graphs.record_s * 1000, 1),
@@ -341,8 +362,8 @@ class PeerServer:
     async def _serve_steps(self, session: Session, reader, writer) -> None:
         ahead = asyncio.Semaphore(CLIENT_READ_AHEAD)
         reading = asyncio.create_task(self._read_client(session, reader, ahead))
-        link = ForwardLink(self.p2p, self.config.forward_timeout_s,
-                           lambda peer: self._addrs_of(peer, next_block=session.blocks[1]))
+        link = ForwardLink(self.p2p, self.dialer, self.config.forward_timeout_s,
+                           lambda peer: self._record_of(peer, next_block=session.blocks[1]))
         try:
             while True:
                 source, message = await asyncio.wait_for(session.inbox.get(), self.config.session_idle_timeout_s)
@@ -389,7 +410,8 @@ class PeerServer:
                 await write_message(writer, error_message(ERROR_PROTOCOL, str(e)))
             return True
         at = session.position
-        out = await self.scheduler.submit(session.cache, request.hidden, request.position_ids, request.valid)
+        out = await self.scheduler.submit(session.cache, request.hidden, request.position_ids, request.valid,
+                                          alone=self.sessions.active == 1)
         hidden = pack_tensor(out)
         if source == "forward":
             session.forwarded_at = at
@@ -412,13 +434,12 @@ class PeerServer:
         await write_message(writer, {**result, **self._drain_fields()})
         return True
 
-    async def _addrs_of(self, peer_id: str, next_block: int) -> list[str] | None:
-        """The addresses peer `peer_id` announces in its record of `next_block` (None if it has none)."""
+    async def _record_of(self, peer_id: str, next_block: int) -> records.BlockRecord | None:
+        """Peer `peer_id`'s own record of `next_block` (None if it has none): where it can be dialed."""
         found = await records.fetch_blocks(self.dht, self.model_id, self.model_config.num_hidden_layers,
                                            blocks=range(next_block, next_block + 1),
                                            timeout_s=self.config.forward_timeout_s)
-        record = found.get(next_block, {}).get(peer_id)
-        return list(record.addrs) if record is not None else None
+        return found.get(next_block, {}).get(peer_id)
 
     async def _handle_forward(self, stream_info, reader, writer) -> None:
         """Steps pushed by the previous peer of a route: each names a session here and shows a push token

@@ -86,6 +86,11 @@ class Identity:
         return replace(loaded, is_ephemeral=True)
 
     @property
+    def private_key(self) -> rsa.RSAPrivateKey:
+        """The key as a `cryptography` object (TLS certificates and signatures of swarm.direct)."""
+        return self.rsa_key._private_key
+
+    @property
     def owner_marker(self) -> str:
         """The `[owner:ssh-rsa ...]` marker hivemind's RSASignatureValidator looks for in keys/subkeys."""
         return owner_marker(self.rsa_key)
@@ -115,7 +120,11 @@ def peer_id_of_ssh_key(ssh_public_key: str) -> str:
     libp2p: peer id = multihash(sha2-256, protobuf PublicKey{RSA, DER SubjectPublicKeyInfo}); RSA keys
     are too long for the inline "identity" multihash. Raises ValueError for anything but an RSA key.
     """
-    key = serialization.load_ssh_public_key(ssh_public_key.encode("ascii"))
+    return peer_id_of_public_key(serialization.load_ssh_public_key(ssh_public_key.encode("ascii")))
+
+
+def peer_id_of_public_key(key) -> str:
+    """The base58 libp2p peer id of an RSA public key (a `cryptography` key object); ValueError otherwise."""
     if not isinstance(key, rsa.RSAPublicKey):
         raise ValueError("not an RSA public key")
     der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)

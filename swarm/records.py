@@ -250,6 +250,7 @@ class BlockRecord(_Record):
     reachability: Reachability = Reachability.UNKNOWN
     public_name: str = ""
     addrs: tuple[str, ...] = ()  # multiaddrs the peer can be dialed at
+    direct: tuple[str, ...] = ()  # /ip4|ip6/HOST/tcp/PORT of its direct TLS streams (swarm.direct); optional
     drain_deadline: float | None = None  # unix time (s) the peer leaves; required while draining
 
     _CHECKS: ClassVar[dict[str, Any]] = {
@@ -271,9 +272,10 @@ class BlockRecord(_Record):
         "reachability": _enum(Reachability),
         "public_name": _str(64),
         "addrs": _addrs,
+        "direct": _addrs,
         "drain_deadline": _optional(_float(1.0, 1e11)),
     }
-    _OPTIONAL_ON_WIRE: ClassVar[frozenset[str]] = frozenset({"drain_deadline"})
+    _OPTIONAL_ON_WIRE: ClassVar[frozenset[str]] = frozenset({"direct", "drain_deadline"})
 
     def _check_fields_together(self) -> None:
         if self.start >= self.end:

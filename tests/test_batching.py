@@ -195,6 +195,46 @@ def test_concurrent_steps_are_batched_and_exact(span_models):
     assert scheduler.stats.segments > scheduler.stats.iterations
 
 
+def test_a_lone_sessions_decode_steps_run_inline_and_a_crowd_goes_to_the_compute_thread(span_models, monkeypatch):
+    """`alone=True`: a decode step with nothing else queued runs on the submitting (event loop) thread, with
+    the same output; a prompt, or a step while another is queued, goes to the compute thread."""
+    model = span_models("llama")
+    scheduler = Scheduler(model)
+    scheduler.start()
+    threads = []
+    real_run = model.run
+
+    def run(segments, **kwargs):
+        threads.append((threading.get_ident(), len(segments)))
+        return real_run(segments, **kwargs)
+
+    steps = [step_inputs(1, 70, 0, seed=1)] + [step_inputs(1, 1, 70 + j, seed=2 + j) for j in range(3)]
+    reference = model.new_cache(1, 128)
+    expected = [model(*s, reference) for s in steps]
+    monkeypatch.setattr(model, "run", run)
+
+    async def main():
+        me = threading.get_ident()
+        cache, other = model.new_cache(1, 128), model.new_cache(1, 128)
+        outs = [await scheduler.submit(cache, *s, alone=True) for s in steps]
+        ran_inline = [t == me for t, _ in threads]
+        threads.clear()
+        await scheduler.submit(other, *step_inputs(1, 4, 0, seed=9))
+        both = [scheduler.submit(other, *step_inputs(1, 1, 4, seed=10)),
+                scheduler.submit(cache, *step_inputs(1, 1, 73, seed=11), alone=True)]
+        await asyncio.gather(*both)
+        return outs, ran_inline, [t == me for t, _ in threads]
+
+    try:
+        outs, ran_inline, crowd_inline = run_async(main())
+    finally:
+        scheduler.stop()
+    for out, ref in zip(outs, expected, strict=True):
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert ran_inline == [False, True, True, True]  # the 70-token prompt is over INLINE_MAX_TOKENS
+    assert not any(crowd_inline), crowd_inline
+
+
 # ---------------------------------------------------------------- KV memory
 
 

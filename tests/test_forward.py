@@ -108,12 +108,14 @@ def test_next_hop_without_forwarding_falls_back_to_the_client(env):
     model = client()
     last = servers[2]
     swarm._run(last.p2p.remove_binary_stream_handler(FORWARD_HANDLER))
+    direct_handler = last.direct.handlers.pop(FORWARD_HANDLER)  # on both paths: direct, then p2pd
     try:
         before = counts(servers)
         assert torch.equal(generate(model, servers), expected)
         first, middle, end = delta(before, counts(servers))
     finally:
         swarm._run(last.p2p.add_binary_stream_handler(FORWARD_HANDLER, last._handle_forward))
+        last.direct.handlers[FORWARD_HANDLER] = direct_handler
     assert middle["received"] == NEW_TOKENS and middle["push_failed"] == NEW_TOKENS, middle
     assert end["received"] == 0, end
 
@@ -131,6 +133,7 @@ def test_lost_pushes_fall_back_after_the_forward_wait(env, monkeypatch):
 
     swarm._run(middle.p2p.remove_binary_stream_handler(FORWARD_HANDLER))
     swarm._run(middle.p2p.add_binary_stream_handler(FORWARD_HANDLER, swallow))
+    middle.direct.handlers[FORWARD_HANDLER] = swallow
     try:
         before = counts(servers)
         assert torch.equal(generate(model, servers), expected)
@@ -138,6 +141,7 @@ def test_lost_pushes_fall_back_after_the_forward_wait(env, monkeypatch):
     finally:
         swarm._run(middle.p2p.remove_binary_stream_handler(FORWARD_HANDLER))
         swarm._run(middle.p2p.add_binary_stream_handler(FORWARD_HANDLER, middle._handle_forward))
+        middle.direct.handlers[FORWARD_HANDLER] = middle._handle_forward
     assert first["pushed"] == NEW_TOKENS and mid["received"] == 0, (first, mid)
     assert last["received"] > 0, last  # the middle peer still pushes what the client sent it (a slow push: a fallback)
 
