@@ -377,8 +377,8 @@ def hop_parts(hop: dict, peer: dict) -> dict:
     """One hop of one step, split (seconds); the parts add up to the client's SpanStream.step round trip.
 
     A "wire" part runs from a message serialized on one side (about to be written to its socket) to the
-    same message read on the other, just before it is unpacked: the socket write, both p2pd daemons, TCP
-    over loopback, and the receiver's event loop waking up and reading it.
+    same message read on the other, just before it is unpacked: the socket write, TLS (a direct stream)
+    or both p2pd daemons, TCP over loopback, and the receiver's event loop waking up and reading it.
     """
     arrived_at_peer = peer["t_read"] - peer["unpack_s"]
     arrived_at_client = hop["t_read"] - hop.get("msgpack_unpack_s", 0)
@@ -389,7 +389,7 @@ def hop_parts(hop: dict, peer: dict) -> dict:
         "client_encode": hop["t_packed"] - hop["t0"],  # .to(dtype), pack_tensor x3, msgpack
         "wire_to_peer": arrived_at_peer - hop["t_packed"],
         "peer_decode_validate": peer["unpack_s"] + peer["parse_s"],  # msgpack, parse_step
-        "peer_thread_handoff": to_thread + from_thread,  # run_in_executor there and back
+        "peer_thread_handoff": to_thread + from_thread,  # inbox, scheduler (compute thread or inline), back
         "peer_compute": peer["t_compute1"] - peer["t_compute0"],  # SpanModel forward, copy to CPU
         "peer_encode": peer_pack + (peer["t_packed"] - peer["t_write0"]),  # pack_tensor, msgpack
         "wire_to_client": arrived_at_client - peer["t_packed"],

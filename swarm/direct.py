@@ -47,6 +47,7 @@ from swarm.protocol import ERROR_PROTOCOL, ERROR_REFUSED, error_message, read_me
 logger = logging.getLogger(__name__)
 
 DIRECT_CONTEXT = b"swarm direct stream v1\x00"
+MAX_KEY_BITS = 8192  # a huge key would make each signature check slow
 HELLO_BYTES = 16 * 1024  # a hello holds a 2048..8192-bit public key and a signature
 HANDSHAKE_TIMEOUT_S = 10.0  # TLS, challenge and hello together
 MAX_CONNECTIONS = 1024  # open direct streams per listener; more are closed at once
@@ -162,8 +163,8 @@ class DirectServer:
             key = serialization.load_der_public_key(key_der)
         except ValueError:
             raise ProtocolError("field 'key': not a DER public key") from None
-        if not isinstance(key, rsa.RSAPublicKey) or key.key_size < RSA_KEY_BITS:
-            raise ProtocolError(f"field 'key': expected an RSA key of at least {RSA_KEY_BITS} bits")
+        if not isinstance(key, rsa.RSAPublicKey) or not RSA_KEY_BITS <= key.key_size <= MAX_KEY_BITS:
+            raise ProtocolError(f"field 'key': expected an RSA key of {RSA_KEY_BITS} to {MAX_KEY_BITS} bits")
         try:
             key.verify(signature, _signed_text(self.peer_id, name, nonce), padding.PKCS1v15(), hashes.SHA256())
         except InvalidSignature:

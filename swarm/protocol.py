@@ -1,7 +1,7 @@
 """The wire protocol both sides agree on: handler names, framing, message schemas, tensor codec.
 
 Transport: hivemind P2P binary streams, under explicitly named handlers whose name carries the major
-version. Framing: each frame is a 4-byte big-endian header (top bit: "more frames of this message
+version, or the same handlers over a peer's direct TLS streams (swarm.direct) where it announces them. Framing: each frame is a 4-byte big-endian header (top bit: "more frames of this message
 follow", low 31 bits: payload length) and a payload; one message is one or more frames, so a payload
 above hivemind's 4 MiB cap travels in parts. Payload: a msgpack map. Tensors travel as
 {"dtype", "shape", "data"} with raw little-endian bytes (bfloat16 native). No pickle anywhere.
