@@ -139,7 +139,8 @@ class SpanStream:
         if self._reading is None:
             self._reading = asyncio.ensure_future(read_message(self.reader, REPLY_MAX_BYTES))
         try:
-            reply = await asyncio.wait_for(asyncio.shield(self._reading), timeout=timeout_s)
+            async with asyncio.timeout(timeout_s):  # the read itself goes on past a timeout (shielded)
+                reply = await asyncio.shield(self._reading)
         except READ_ERRORS as e:
             raise _read_failure(e, self.hop) from None
         self._reading = None

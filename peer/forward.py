@@ -73,7 +73,8 @@ class ForwardLink:
                 self.close()
                 self._writer = await self._open(target)
                 self._target = (target.peer, target.session)
-            await asyncio.wait_for(write_message(self._writer, message), timeout=self.connect_timeout_s)
+            async with asyncio.timeout(self.connect_timeout_s):
+                await write_message(self._writer, message)
             return True
         except Exception as e:  # any failure to reach the next hop: the client sends the step instead
             logger.info("could not push a step to %s: %r", target.peer[-6:], e)

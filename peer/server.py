@@ -366,7 +366,8 @@ class PeerServer:
                            lambda peer: self._record_of(peer, next_block=session.blocks[1]))
         try:
             while True:
-                source, message = await asyncio.wait_for(session.inbox.get(), self.config.session_idle_timeout_s)
+                async with asyncio.timeout(self.config.session_idle_timeout_s):  # no task per message, unlike wait_for
+                    source, message = await session.inbox.get()
                 if isinstance(message, ProtocolError):  # framing broken or oversized: the stream can't be trusted
                     await self._send_fatal(reader, writer, ERROR_PROTOCOL, str(message))
                     return
@@ -447,9 +448,8 @@ class PeerServer:
         pusher = stream_info.peer_id.to_base58()
         try:
             while True:
-                message = await asyncio.wait_for(
-                    read_message(reader, self.config.max_message_bytes), timeout=self.config.session_idle_timeout_s
-                )
+                async with asyncio.timeout(self.config.session_idle_timeout_s):
+                    message = await read_message(reader, self.config.max_message_bytes)
                 try:
                     session = self.sessions.get(require(message.get("session"), int, "session"))
                     token = require(message.get("token"), str, "token")
