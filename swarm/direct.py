@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
@@ -50,8 +50,10 @@ DIRECT_CONTEXT = b"swarm direct stream v1\x00"
 MAX_KEY_BITS = 8192  # a huge key would make each signature check slow
 HELLO_BYTES = 16 * 1024  # a hello holds a 2048..8192-bit public key and a signature
 HANDSHAKE_TIMEOUT_S = 10.0  # TLS, challenge and hello together
-MAX_CONNECTIONS = 1024  # open direct streams per listener; more are closed at once
-RETRY_AFTER_S = 300.0  # a direct address that failed is not dialed again for this long
+MAX_CONNECTIONS = 1024  # open direct connections per listener (from accept, before TLS); more are closed
+MAX_PER_HOST = 256  # of those, from one remote address
+MAX_DIAL_ADDRS = 3  # a dialer tries at most this many of a peer's direct addresses
+RETRY_AFTER_S = 300.0  # a (peer, address) that failed is not dialed again for this long
 
 Handler = Callable[["StreamInfo", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -98,57 +100,87 @@ def _signed_text(listener: str, handler: str, nonce: bytes) -> bytes:
     return DIRECT_CONTEXT + listener.encode() + b"\x00" + handler.encode() + b"\x00" + nonce
 
 
+class _Reader(asyncio.StreamReader):
+    """A stream reader whose TLS failures read like any broken connection: handlers and clients catch
+    ConnectionError, and a peer that sends a corrupt TLS record must not get past that."""
+
+    def set_exception(self, exc: BaseException) -> None:
+        if isinstance(exc, ssl.SSLError):
+            exc = ConnectionResetError(f"TLS: {exc}")
+        super().set_exception(exc)
+
+
+class _Protocol(asyncio.StreamReaderProtocol):
+    def __init__(self, loop: asyncio.AbstractEventLoop, client_connected_cb=None):
+        self.reader = _Reader(limit=2**16, loop=loop)  # the base class holds only a weak reference
+        super().__init__(self.reader, client_connected_cb, loop=loop)
+
+
 class DirectServer:
-    """Listens for direct streams and hands each, once authenticated, to the handler it names."""
+    """Listens for direct streams and hands each, once authenticated, to the handler it names.
+
+    Connections count from accept (before TLS), at most MAX_CONNECTIONS in all and MAX_PER_HOST from one
+    address; over that, a connection is closed at once (the dialer goes through p2pd)."""
 
     def __init__(self, key: rsa.RSAPrivateKey, peer_id: str, handlers: dict[str, Handler]):
         self.peer_id = peer_id
         self.handlers = handlers
         self.accepted = 0  # streams handed to a handler
-        self.refused = 0  # connections that failed the handshake or named no handler here
+        self.refused = 0  # connections over the limits, that failed the handshake or named no handler here
         self._context = _server_context(key, peer_id)
         self._server: asyncio.Server | None = None
-        self._open = 0
+        self._per_host: dict[str, int] = {}
+        self._writers: set[asyncio.StreamWriter] = set()
 
     async def start(self, host: str, port: int) -> int:
         """Listen on host:port (0 = any free port); returns the port."""
-        self._server = await asyncio.start_server(
-            self._serve, host, port, ssl=self._context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S,
-        )
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Protocol(loop, self._serve), host, port)
         return self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
+        """Stop listening and close every open direct stream (their handlers see the connection end)."""
         if self._server is not None:
             self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), timeout=1.0)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._open >= MAX_CONNECTIONS:
+        host = str((writer.get_extra_info("peername") or ("?",))[0])
+        if len(self._writers) >= MAX_CONNECTIONS or self._per_host.get(host, 0) >= MAX_PER_HOST:
             self.refused += 1
-            writer.close()
+            writer.transport.abort()
             return
-        self._open += 1
+        self._writers.add(writer)
+        self._per_host[host] = self._per_host.get(host, 0) + 1
         try:
             try:
-                handler, dialer = await asyncio.wait_for(self._handshake(reader, writer), HANDSHAKE_TIMEOUT_S)
+                async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+                    await writer.start_tls(self._context)
+                    handler, dialer = await self._handshake(reader, writer)
             except (ProtocolError, PeerRefused) as e:
                 self.refused += 1
                 code = ERROR_REFUSED if isinstance(e, PeerRefused) else ERROR_PROTOCOL
-                logger.info("refused a direct stream from %s: %s", writer.get_extra_info("peername"), e)
+                logger.info("refused a direct stream from %s: %s", host, e)
                 with contextlib.suppress(Exception):
                     await write_message(writer, error_message(code, str(e), fatal=True))
                 writer.close()
                 return
-            except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, ssl.SSLError) as e:
+            except Exception as e:  # timeouts, broken TLS, closed connections, anything odd: drop it
                 self.refused += 1
-                logger.debug("direct handshake failed: %r", e)
+                logger.debug("direct handshake with %s failed: %r", host, e)
                 writer.close()
                 return
             self.accepted += 1
             await handler(StreamInfo(PeerID.from_base58(dialer)), reader, writer)  # it closes the stream
         finally:
-            self._open -= 1
+            self._writers.discard(writer)
+            self._per_host[host] -= 1
+            if not self._per_host[host]:
+                del self._per_host[host]
 
     async def _handshake(self, reader, writer) -> tuple[Handler, str]:
         nonce = secrets.token_bytes(32)
@@ -161,10 +193,11 @@ class DirectServer:
         signature = require(hello.get("signature"), bytes, "signature")
         try:
             key = serialization.load_der_public_key(key_der)
-        except ValueError:
-            raise ProtocolError("field 'key': not a DER public key") from None
-        if not isinstance(key, rsa.RSAPublicKey) or not RSA_KEY_BITS <= key.key_size <= MAX_KEY_BITS:
-            raise ProtocolError(f"field 'key': expected an RSA key of {RSA_KEY_BITS} to {MAX_KEY_BITS} bits")
+        except (ValueError, UnsupportedAlgorithm):
+            raise ProtocolError("field 'key': not a DER public key this peer can read") from None
+        if (not isinstance(key, rsa.RSAPublicKey) or not RSA_KEY_BITS <= key.key_size <= MAX_KEY_BITS
+                or key.public_numbers().e != 65537):  # a huge exponent would make each check slow
+            raise ProtocolError(f"field 'key': expected an RSA key of {RSA_KEY_BITS} to {MAX_KEY_BITS} bits, e = 65537")
         try:
             key.verify(signature, _signed_text(self.peer_id, name, nonce), padding.PKCS1v15(), hashes.SHA256())
         except InvalidSignature:
@@ -177,7 +210,7 @@ class DirectServer:
 
 
 class DirectDialer:
-    """Opens direct streams as one identity; remembers addresses that failed (RETRY_AFTER_S)."""
+    """Opens direct streams as one identity; remembers (peer, address) pairs that failed (RETRY_AFTER_S)."""
 
     def __init__(self, key: rsa.RSAPrivateKey):
         self._key = key
@@ -185,28 +218,49 @@ class DirectDialer:
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
         self._context = _client_context()
-        self._failed: dict[str, float] = {}  # address -> monotonic time it may be tried again
+        self._failed: dict[tuple[str, str], float] = {}  # (peer id, address) -> when it may be tried again
 
-    def usable(self, addrs: Sequence[str]) -> list[str]:
+    def usable(self, peer_id: str, addrs: Sequence[str]) -> list[str]:
+        """The first MAX_DIAL_ADDRS of `addrs` that did not fail lately for this peer."""
         now = time.monotonic()
-        return [a for a in addrs if self._failed.get(a, 0.0) <= now]
+        return [a for a in addrs if self._failed.get((peer_id, a), 0.0) <= now][:MAX_DIAL_ADDRS]
+
+    def _mark_failed(self, peer_id: str, addr: str) -> None:
+        now = time.monotonic()
+        if len(self._failed) > 4096:  # forget what expired
+            self._failed = {k: t for k, t in self._failed.items() if t > now}
+        self._failed[peer_id, addr] = now + RETRY_AFTER_S
 
     async def open_any(self, peer_id: str, addrs: Sequence[str], handler: str, timeout_s: float):
-        """A stream to `handler` of `peer_id` at the first of `addrs` that works (those that failed lately
-        are skipped); None when none does (the caller then goes through p2pd). A peer that answers but
-        refuses raises PeerRefused."""
-        for addr in self.usable(addrs):
-            try:
-                return await asyncio.wait_for(self.open(peer_id, addr, handler), timeout_s)
-            except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError, PeerError, ProtocolError) as e:
-                logger.info("direct stream to %s at %s failed (%r); using p2pd", peer_id[-6:], addr, e)
-                self._failed[addr] = time.monotonic() + RETRY_AFTER_S
+        """A stream to `handler` of `peer_id` at the first of `addrs` that works, all within `timeout_s`;
+        None when none does (the caller then goes through p2pd). An address that cannot be reached or
+        answers as another peer is skipped for RETRY_AFTER_S (for this peer only: anyone may list any
+        address in its own record); one that answers with a refusal is not."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                for addr in self.usable(peer_id, addrs):
+                    try:
+                        return await self.open(peer_id, addr, handler)
+                    except PeerRefused as e:
+                        logger.info("direct stream to %s refused (%s); using p2pd", peer_id[-6:], e)
+                        return None
+                    except (OSError, ValueError, asyncio.IncompleteReadError, PeerError, ProtocolError) as e:
+                        logger.info("direct stream to %s at %s failed (%r)", peer_id[-6:], addr, e)
+                        self._mark_failed(peer_id, addr)
+        except TimeoutError:
+            logger.info("no direct stream to %s within %s s; using p2pd", peer_id[-6:], timeout_s)
+            for addr in self.usable(peer_id, addrs)[:1]:  # the address that was being tried
+                self._mark_failed(peer_id, addr)
         return None
 
     async def open(self, peer_id: str, addr: str, handler: str):
         host, port = tcp_endpoint(addr)
-        reader, writer = await asyncio.open_connection(host, port, ssl=self._context, server_hostname=None)
+        loop = asyncio.get_running_loop()
+        protocol = _Protocol(loop)
+        transport, _ = await loop.create_connection(lambda: protocol, host, port)
+        reader, writer = protocol.reader, asyncio.StreamWriter(transport, protocol, protocol.reader, loop)
         try:
+            await writer.start_tls(self._context)
             der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
             found = peer_id_of_public_key(x509.load_der_x509_certificate(der).public_key())
             if found != peer_id:
@@ -241,6 +295,8 @@ def direct_addrs(p2p_addrs: Sequence[str], port: int) -> list[str]:
     """Where a listener on `port` can be dialed: the hosts of its announced libp2p addresses, that port."""
     found: list[str] = []
     for addr in p2p_addrs:
+        if "p2p-circuit" in addr:  # a relayed address: its host is the relay's, not ours
+            continue
         try:
             protocols = Multiaddr(addr.split("/p2p/")[0]).protocols()
             host = Multiaddr(addr.split("/p2p/")[0]).value_for_protocol(protocols[0].code)
