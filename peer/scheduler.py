@@ -39,7 +39,8 @@ from swarm.runtime.span import Segment, SpanModel
 logger = logging.getLogger(__name__)
 
 MEMORY_RETRY_S = 0.05  # how often steps waiting for KV pages look again (a close also wakes them)
-INLINE_MAX_TOKENS = 64  # token rows of a step that may run inline (a lone decode step, not a prompt)
+INLINE_MAX_TOKENS = 16  # token rows of a step that may run inline (a lone decode step, not a prompt): it
+# blocks the event loop while it runs, and past a few rows the thread hand-off is a small part of a step
 QUIET_ITERATIONS = 8  # a lone step may record a CUDA graph after this many iterations of one segment each
 
 
