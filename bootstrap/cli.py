@@ -17,7 +17,7 @@ from bootstrap.health.cli import add_health_arguments, health_config, start_heal
 from swarm import records
 from swarm.errors import SwarmError
 from swarm.identity import Identity
-from swarm.net import NodeSettings, start_dht, start_p2p, visible_maddrs
+from swarm.net import NodeSettings, start_dht, start_p2p, stop_node, visible_maddrs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,9 +58,7 @@ async def serve(args: argparse.Namespace) -> None:
     finally:
         if health_server is not None:
             await health_server.close()
-        if dht is not None:
-            await dht.shutdown()
-        await p2p.shutdown()
+        await stop_node(dht, p2p)
 
 
 def main(argv: list[str]) -> int:

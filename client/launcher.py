@@ -60,10 +60,11 @@ class Proc:
         return self.popen.wait()
 
 
-def spawn(name: str, args: list[str], env: dict | None = None) -> Proc:
+def spawn(name: str, args: list[str], env: dict | None = None, new_session: bool = False) -> Proc:
+    """`new_session`: its own process group, as a command started in a terminal has (signal it with killpg)."""
     popen = subprocess.Popen(
         SWARM + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=new_session,
     )
     proc = Proc(name, popen)
     threading.Thread(target=proc._pump, daemon=True).start()
@@ -89,10 +90,11 @@ class LocalSwarm:
             self.health_url = line.removeprefix("health page at ").strip()
         self.peers: dict[str, Proc] = {}
 
-    def start_peer(self, blocks: str, name: str | None = None, extra: list[str] = (), wait: bool = True) -> Proc:
+    def start_peer(self, blocks: str, name: str | None = None, extra: list[str] = (), wait: bool = True,
+                   new_session: bool = False) -> Proc:
         name = name or f"peer{len(self.peers)}[{blocks}]"
         proc = spawn(name, ["peer", "--model", self.model_path, "--blocks", blocks,
-                            "--initial-peers", *self.initial_peers, *self.peer_args, *extra])
+                            "--initial-peers", *self.initial_peers, *self.peer_args, *extra], new_session=new_session)
         self.procs.append(proc)
         self.peers[name] = proc
         if wait:

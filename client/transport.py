@@ -17,7 +17,7 @@ from swarm import records
 from swarm.direct import DirectDialer
 from swarm.errors import PeerError, PeerRefused, VersionMismatch
 from swarm.identity import Identity
-from swarm.net import NodeSettings, connect, start_dht, start_p2p
+from swarm.net import NodeSettings, connect, start_dht, start_p2p, stop_node
 from swarm.protocol import INFO_HANDLER, read_message, write_message
 
 logger = logging.getLogger(__name__)
@@ -122,5 +122,4 @@ class HivemindTransport:
         return reply
 
     async def shutdown(self) -> None:
-        await self.dht.shutdown()
-        await self.p2p.shutdown()
+        await stop_node(self.dht, self.p2p)

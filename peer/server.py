@@ -23,7 +23,7 @@ from swarm import records
 from swarm.direct import DirectDialer, DirectServer, direct_addrs
 from swarm.errors import ConfigError, PeerRefused, ProtocolError
 from swarm.identity import Identity
-from swarm.net import NodeSettings, start_dht, start_p2p, visible_maddrs
+from swarm.net import NodeSettings, start_dht, start_p2p, stop_node, visible_maddrs
 from swarm.protocol import (
     ERROR_DRAINING,
     ERROR_PROTOCOL,
@@ -183,10 +183,7 @@ class PeerServer:
                 logger.warning("could not announce offline: %s", e)
         if self.direct is not None:
             await self.direct.close()
-        if self.dht is not None:
-            await self.dht.shutdown()
-        if self.p2p is not None:
-            await self.p2p.shutdown()
+        await stop_node(self.dht, self.p2p)
         if self.scheduler is not None:
             await asyncio.to_thread(self.scheduler.stop)
         await asyncio.to_thread(self._compute.shutdown, wait=True, cancel_futures=True)

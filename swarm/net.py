@@ -11,6 +11,7 @@ import asyncio
 import contextvars
 import ctypes
 import logging
+import os
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from hivemind.utils.multiaddr import Multiaddr
 
 from swarm.errors import ConfigError
 
+logger = logging.getLogger(__name__)
+
 _PR_SET_PDEATHSIG = 1
 # hivemind logs every identity check and daemon start at INFO; our own lines say what matters
 logging.getLogger("hivemind.p2p.p2p_daemon").setLevel(logging.WARNING)
@@ -32,6 +35,9 @@ _die_with_us: contextvars.ContextVar[bool] = contextvars.ContextVar("swarm_die_w
 
 def _die_with_parent() -> None:  # runs in the forked child before exec
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    # Its own process group: a terminal's Ctrl-C (SIGINT to the foreground group) reaches us, not p2pd,
+    # so a leaving peer can still announce "offline" through it; it dies with us all the same.
+    os.setpgid(0, 0)
 
 
 def _install_spawn_hook() -> None:
@@ -128,3 +134,18 @@ async def connect(p2p: P2P, peer_id: PeerID, addrs: Sequence[str], timeout_s: fl
     # p2pd wants transport addresses; a trailing /p2p/<id> component breaks its decoder
     maddrs = [Multiaddr(a.split("/p2p/")[0]) for a in addrs]
     await asyncio.wait_for(p2p._client.connect(peer_id, maddrs), timeout=timeout_s)
+
+
+STOP_TIMEOUT_S = 5.0
+
+
+async def stop_node(dht: DHTNode | None, p2p: P2P | None, timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """Shut down a DHT node and its p2pd, each within `timeout_s`: hivemind waits forever for answers
+    from a p2pd that already died (a signal sent to the whole process group), so a bounded wait it is."""
+    for name, part in (("DHT node", dht), ("p2pd", p2p)):
+        if part is None:
+            continue
+        try:
+            await asyncio.wait_for(part.shutdown(), timeout_s)
+        except Exception as e:  # gone already, or hung: we are leaving either way
+            logger.warning("stopping the %s: %r", name, e)

@@ -147,6 +147,45 @@ def test_sigint_announces_offline(model_path):
             client.shutdown()
 
 
+def test_ctrl_c_in_a_terminal_stops_a_peer_cleanly(model_path):
+    """A terminal's Ctrl-C sends SIGINT to the whole foreground process group. p2pd runs in a group of its
+    own, so the peer, not p2pd, decides when p2pd stops: it announces "offline" through it first."""
+    with LocalSwarm(str(model_path)) as swarm:
+        proc = swarm.start_peer("0:4", new_session=True)
+        peer_id = peer_id_of(proc.ready_line)
+        daemons = children_of(proc.popen.pid)
+        assert daemons and all(os.getpgid(d) != os.getpgid(proc.popen.pid) for d in daemons)
+        client = client_for(model_path, swarm)
+        try:
+            os.killpg(proc.popen.pid, signal.SIGINT)
+            assert proc.popen.wait(20) == 0, "".join(proc.output)
+            assert "announcing offline" in "".join(proc.output)
+
+            async def state():
+                transport = await client.transport()
+                return (await transport.fetch_blocks(client.model_id, 4))[0][peer_id].state
+
+            assert loop.run(state(), 30) == "offline"
+            time.sleep(0.5)
+            assert not any(alive(d) for d in daemons)
+        finally:
+            client.shutdown()
+
+
+def test_a_bootstrap_whose_p2pd_died_still_exits_on_sigint(tmp_path):
+    """hivemind waits forever for answers from a dead p2pd; leaving is bounded anyway."""
+    bootstrap = spawn("bootstrap", ["bootstrap", "--host", "127.0.0.1"], new_session=True)
+    try:
+        bootstrap.wait_line(lambda line: line.startswith("/ip4/"), 60)
+        (daemon,) = children_of(bootstrap.popen.pid)
+        os.kill(daemon, signal.SIGKILL)
+        time.sleep(0.5)
+        os.killpg(bootstrap.popen.pid, signal.SIGINT)
+        assert bootstrap.popen.wait(30) == 0, "".join(bootstrap.output)
+    finally:
+        bootstrap.kill()
+
+
 def test_generate_cli_streams_text(model_path):
     with LocalSwarm(str(model_path)) as swarm:
         swarm.start_peer("0:4")

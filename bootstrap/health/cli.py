@@ -18,7 +18,7 @@ from bootstrap.health.server import HealthServer
 from swarm import records
 from swarm.errors import ConfigError, SwarmError
 from swarm.identity import Identity
-from swarm.net import NodeSettings, start_dht, start_p2p
+from swarm.net import NodeSettings, start_dht, start_p2p, stop_node
 
 _DEFAULTS = {f.name: f.default for f in fields(HealthConfig)}
 
@@ -109,9 +109,7 @@ async def serve(args: argparse.Namespace, config: HealthConfig) -> None:
         finally:
             await server.close()
     finally:
-        if dht is not None:
-            await dht.shutdown()
-        await p2p.shutdown()
+        await stop_node(dht, p2p)
 
 
 async def start_health(config: HealthConfig, dht, p2p) -> HealthServer:
