@@ -124,7 +124,7 @@ async def serve(config: PeerConfig) -> None:
         await server.start()
         print(
             f"ready peer_id={server.peer_id} model={server.model_id} blocks={config.span} "
-            f"addrs={','.join(server.addrs)}",
+            f"addrs={','.join(server.addrs)} direct={','.join(server.direct_addrs) or 'off'}",
             flush=True,
         )
         print(status_line(server, config), flush=True)
