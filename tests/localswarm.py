@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 from client.launcher import LocalSwarm, Proc, spawn
@@ -66,6 +67,34 @@ class InProcessSwarm:
         self.servers.extend(servers)
         return servers
 
+    @contextlib.contextmanager
+    def serving(self, model_path, spans: list[str], model_id: str, prompt, new_tokens: int):
+        """Peers for `spans` under `model_id`, local transformers' greedy tokens for `prompt`, and a maker of
+        clients (ClientConfig fields as keywords, 10 s step timeout); on exit the clients shut down and
+        the peers stop. Yields (servers, expected tokens, client maker)."""
+        from transformers import AutoModelForCausalLM
+
+        from client import ClientConfig, DistributedModelForCausalLM
+
+        servers = self.start_peers(model_path, spans, model_id=model_id)
+        local = AutoModelForCausalLM.from_pretrained(model_path).eval()
+        expected = local.generate(prompt, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        clients = []
+
+        def client(**fields):
+            config = ClientConfig(initial_peers=tuple(self.initial_peers), model_id=model_id, step_timeout_s=10,
+                                  **fields)
+            clients.append(DistributedModelForCausalLM.from_pretrained(model_path, client_config=config))
+            return clients[-1]
+
+        try:
+            yield servers, expected, client
+        finally:
+            for c in clients:
+                c.shutdown()
+            for server in servers:
+                self.stop_peer(server)
+
     def stop_peer(self, server) -> None:
         self._run(server.shutdown())
         self.servers.remove(server)
@@ -75,9 +104,10 @@ class InProcessSwarm:
 
         async def stop_all():
             await asyncio.gather(*(s.shutdown() for s in self.servers), return_exceptions=True)
+            from swarm.net import stop_node
+
             p2p, dht = self._bootstrap
-            await dht.shutdown()
-            await p2p.shutdown()
+            await stop_node(dht, p2p)
 
         try:
             self._run(stop_all(), timeout_s=60)

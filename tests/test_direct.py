@@ -14,12 +14,11 @@ import ssl
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
-from client import ClientConfig, DistributedModelForCausalLM, loop
+from client import loop
 from swarm import direct
 from swarm.direct import DirectDialer, DirectServer, _signed_text, direct_addrs, tcp_endpoint
 from swarm.errors import PeerError, PeerRefused
@@ -274,25 +273,10 @@ def test_direct_addrs_take_the_announced_hosts():
 
 @pytest.fixture(scope="module")
 def swarm_env(inprocess_swarm, tiny_model_path):
-    path = tiny_model_path("llama")
-    servers = inprocess_swarm.start_peers(path, ["0:3", "3:6"], model_id=MODEL_ID)
-    local = AutoModelForCausalLM.from_pretrained(path).eval()
-    expected = local.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-    clients = []
-
-    def client(**fields):
-        config = ClientConfig(initial_peers=tuple(inprocess_swarm.initial_peers), model_id=MODEL_ID,
-                              step_timeout_s=10, **fields)
-        clients.append(DistributedModelForCausalLM.from_pretrained(path, client_config=config))
-        return clients[-1]
-
-    try:
+    with inprocess_swarm.serving(tiny_model_path("llama"), ["0:3", "3:6"], MODEL_ID, PROMPT, NEW_TOKENS) as (
+        servers, expected, client
+    ):
         yield inprocess_swarm, servers, expected, client
-    finally:
-        for c in clients:
-            c.shutdown()
-        for server in servers:
-            inprocess_swarm.stop_peer(server)
 
 
 def generate(model):

@@ -12,7 +12,6 @@ import asyncio
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
 from client import ClientConfig, DistributedModelForCausalLM, loop
@@ -27,25 +26,10 @@ NEW_TOKENS = 10
 
 @pytest.fixture(scope="module")
 def env(inprocess_swarm, tiny_model_path):
-    path = tiny_model_path("llama")
-    servers = inprocess_swarm.start_peers(path, SPANS, model_id=MODEL_ID)
-    local = AutoModelForCausalLM.from_pretrained(path).eval()
-    expected = local.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-    clients = []
-
-    def client(**fields):
-        config = ClientConfig(initial_peers=tuple(inprocess_swarm.initial_peers), model_id=MODEL_ID,
-                              step_timeout_s=10, **fields)
-        clients.append(DistributedModelForCausalLM.from_pretrained(path, client_config=config))
-        return clients[-1]
-
-    try:
+    with inprocess_swarm.serving(tiny_model_path("llama"), SPANS, MODEL_ID, PROMPT, NEW_TOKENS) as (
+        servers, expected, client
+    ):
         yield inprocess_swarm, servers, expected, client
-    finally:
-        for c in clients:
-            c.shutdown()
-        for server in servers:
-            inprocess_swarm.stop_peer(server)
 
 
 class AtToken(BaseStreamer):
