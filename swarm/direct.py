@@ -283,10 +283,13 @@ class DirectDialer:
         return reader, writer
 
 
+_HOST_KINDS = ("ip4", "ip6", "dns", "dns4", "dns6")  # multiaddr protocols that name a host
+
+
 def tcp_endpoint(addr: str) -> tuple[str, int]:
     """(host, port) of an /ip4|ip6|dns*/HOST/tcp/PORT multiaddr; ValueError otherwise."""
     parts = addr.strip("/").split("/")
-    if len(parts) < 4 or parts[0] not in ("ip4", "ip6", "dns", "dns4", "dns6") or parts[2] != "tcp":
+    if len(parts) < 4 or parts[0] not in _HOST_KINDS or parts[2] != "tcp":
         raise ValueError(f"not a TCP multiaddr: {addr!r}")
     return parts[1], int(parts[3])
 
@@ -298,12 +301,13 @@ def direct_addrs(p2p_addrs: Sequence[str], port: int) -> list[str]:
         if "p2p-circuit" in addr:  # a relayed address: its host is the relay's, not ours
             continue
         try:
-            protocols = Multiaddr(addr.split("/p2p/")[0]).protocols()
-            host = Multiaddr(addr.split("/p2p/")[0]).value_for_protocol(protocols[0].code)
-        except Exception:  # an address kind we do not dial directly (relay, quic, ...)
+            maddr = Multiaddr(addr.split("/p2p/")[0])
+            first = maddr.protocols()[0]
+            host = maddr.value_for_protocol(first.code)
+        except Exception:  # not an address we can read a host from
             continue
-        if protocols[0].name in ("ip4", "ip6", "dns", "dns4", "dns6"):
-            candidate = f"/{protocols[0].name}/{host}/tcp/{port}"
+        if first.name in _HOST_KINDS:
+            candidate = f"/{first.name}/{host}/tcp/{port}"
             if candidate not in found:
                 found.append(candidate)
     return found
