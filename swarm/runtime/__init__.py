@@ -3,9 +3,12 @@
 - `checkpoint.py`  reads only the tensors a role needs from a standard HF checkpoint folder
 - `loading.py`     builds the model skeleton on the meta device and loads a span (or the client's head)
                    through transformers' own checkpoint conversion
-- `cache.py`       the KV byte budget (pages) and the per-session KV cache that draws on it
+- `cache.py`       the KV byte budget (pages), the KV pool of a block range shared by its sessions, and
+                   the per-session KV cache (a region of the pool) that draws on both
 - `span.py`        SpanModel: runs [start, end) on many sessions' steps as one batched forward, with
-                   per-session (varlen) attention through transformers' attention interface
+                   attention through transformers' attention interface (one varlen flash-attention call
+                   per block over the pool on CUDA, per-session SDPA otherwise)
+- `graphs.py`      CUDA graphs of batched decode steps, one per bucket of rows
 """
 
 from swarm.runtime.cache import CacheFull, KVBudget, KVCache

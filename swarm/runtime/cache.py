@@ -1,30 +1,46 @@
-"""KV memory: a byte budget handed out in pages, and the per-session cache that draws on it.
+"""KV memory: a byte budget handed out in pages, a pool of KV storage shared by sessions, and the
+per-session cache that draws on both.
 
-`KVBudget` is the peer's KV memory in bytes. A session's `KVCache` holds, for each block of its span,
-keys and values as [rows, kv_heads, capacity, head_dim] tensors whose capacity is a whole number of
-pages (`page_tokens` token slots per row); it takes pages from the budget as the session grows and gives
-them all back on `free()`. Nothing is reserved for the session's worst case. The attention reads each
-block's storage in place (a view up to the current length), so a step copies only its new K/V; storage
-is copied only when it grows, by at least 1/16 of its size, so growth costs O(1) per token amortized
-and the capacity stays within 1/16 (+ one page) of what is used.
+`KVBudget` is the peer's KV memory in bytes (the accounting). `KVPool` is the storage of one block
+range: for each block, keys and values as [kv_heads, slots, head_dim] views of one tensor, shared by
+every session on those blocks. A session's `KVCache` owns one contiguous `Region` of the pool's slots:
+`rows` runs of `capacity` slots each (row r at region.start + r * capacity). Its capacity is a whole
+number of pages (`page_tokens` slots per row), taken from the budget as the session grows and all given
+back on `free()`; nothing is reserved for the session's worst case.
+
+Because every session's K/V lie in one tensor per block, a batched step writes the new K/V of all its
+sessions with one `index_copy_` per block, and on CUDA one varlen flash-attention call per block reads
+every session's region in place (start offset and used length per row; swarm.runtime.span). Nothing is
+copied per step; a region is copied only when it grows and cannot extend in place (by at least 1/16 of
+its size, so O(1) per token amortized and capacity within 1/16 + one page of use).
+
+The pool's tensor grows on demand (doubling, copying the regions packed to its front, which also undoes
+fragmentation) and packs itself when its free runs are too scattered to place a region; it keeps its
+size when sessions close (like the allocator's cache: the budget, not the tensor, says what is in use),
+so CUDA graphs recorded over it (swarm.runtime.graphs) stay valid until it is reallocated
+(`generation`). One extra slot at its end, the sink, belongs to no region: idle rows of a graph write
+and read there. Slots handed to a region are zeroed.
 
 Slots are absolute positions in the session's stream, padding included; `valid[row, slot]` says
 whether a slot holds a real token (left padding does not), which the mask builder needs.
 
-Thread use: the peer's compute thread mutates caches; `KVBudget` is locked, so the event loop may read
-it (and free a cache that no step is running on) at any time.
+Thread use: the peer's compute thread mutates caches and pools (a pool moves regions only while no
+forward runs: the scheduler reserves between forwards); `KVBudget` and the pool's bookkeeping are
+locked, so the event loop may read the budget, and free a cache that no step is running on, at any time.
 """
 
 from __future__ import annotations
 
 import math
 import threading
+from dataclasses import dataclass
 
 import torch
 
 from swarm.spans import Span
 
-GROWTH_FRACTION = 16  # grow by at least capacity / GROWTH_FRACTION
+GROWTH_FRACTION = 16  # a session's capacity grows by at least capacity / GROWTH_FRACTION
+POOL_MIN_SLOTS = 256
 
 
 class CacheFull(Exception):
@@ -62,30 +78,160 @@ def unlimited_budget() -> KVBudget:
     return KVBudget(1 << 62)
 
 
-class KVCache:
-    """Keys and values of one session (`rows` sequences) on blocks `span`. Mutated by `begin`, `write`,
-    `commit`, `rollback`, `free`; read by the attention through `layer()`."""
+@dataclass(eq=False)
+class Region:
+    """A run of pool slots owned by one cache; `start` changes when the pool moves it."""
 
-    def __init__(self, span: Span, rows: int, max_length: int, bytes_per_block_token: int, budget: KVBudget):
+    start: int = 0
+    slots: int = 0
+
+
+class KVPool:
+    """K/V storage of blocks `span` for every session on them: `keys[i]`, `values[i]` are block
+    span.start + i's [kv_heads, slots + 1, head_dim] (views of one tensor, replaced when the pool grows;
+    slot `sink` = `slots` is the sink)."""
+
+    def __init__(self, span: Span, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.span = span
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+        self.dtype, self.device = dtype, torch.device(device)
+        self.slots = 0
+        self.storage: torch.Tensor | None = None  # [blocks, 2, kv_heads, slots, head_dim]
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.generation = 0  # times the tensor was reallocated (grown or packed): regions moved
+        self._free: list[list[int]] = []  # [start, length] runs, sorted by start, coalesced
+        self._live: set[Region] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.span.length * 2 * self.kv_heads * self.head_dim * self.dtype.itemsize
+
+    @property
+    def sink(self) -> int:
+        return self.slots
+
+    @property
+    def used_slots(self) -> int:
+        return sum(r.slots for r in self._live)
+
+    def resize(self, region: Region, rows: int, capacity: int, new_capacity: int, length: int) -> None:
+        """Make `region` hold `rows` runs of `new_capacity` slots, keeping each row's first `length` slots
+        (the region held `rows` runs of `capacity` before; 0 slots for a new region)."""
+        with self._lock:
+            want = rows * new_capacity
+            if region.slots == 0:
+                region.start, region.slots = self._place(want), want
+                self._live.add(region)
+                self._zero(region.start, want)
+                return
+            end = region.start + region.slots
+            run = next((r for r in self._free if r[0] == end), None)
+            if rows == 1 and run is not None and run[1] >= want - region.slots:  # extend in place
+                extra = want - region.slots
+                run[0] += extra
+                run[1] -= extra
+                if run[1] == 0:
+                    self._free.remove(run)
+                self._zero(end, extra)
+                region.slots = want
+                return
+            start = self._place(want)  # may move every live region, this one too
+            self._zero(start, want)
+            if length:
+                for row in range(rows):
+                    self.storage[:, :, :, start + row * new_capacity:][:, :, :, :length].copy_(
+                        self.storage[:, :, :, region.start + row * capacity:][:, :, :, :length])
+            self._give(region.start, region.slots)
+            region.start, region.slots = start, want
+
+    def release(self, region: Region) -> None:
+        """Give a region's slots back (the tensor keeps its size)."""
+        with self._lock:
+            if region not in self._live:
+                return
+            self._live.discard(region)
+            self._give(region.start, region.slots)
+            region.slots = 0
+
+    # ---------------------------------------------------------------- bookkeeping (lock held)
+
+    def _place(self, n: int) -> int:
+        """Start of a free run of `n` slots, taken from the free list (growing or packing the pool first
+        when no run is long enough)."""
+        for run in self._free:
+            if run[1] >= n:
+                start = run[0]
+                run[0] += n
+                run[1] -= n
+                if run[1] == 0:
+                    self._free.remove(run)
+                return start
+        used = self.used_slots
+        if self.slots - used >= n:  # room enough, but scattered: pack the regions
+            self._rebuild(self.slots)
+        else:
+            self._rebuild(max(used + n, 2 * self.slots, POOL_MIN_SLOTS))
+        return self._place(n)
+
+    def _give(self, start: int, n: int) -> None:
+        runs = self._free
+        i = 0
+        while i < len(runs) and runs[i][0] < start:
+            i += 1
+        runs.insert(i, [start, n])
+        if i + 1 < len(runs) and start + n == runs[i + 1][0]:  # merge with the next run
+            runs[i][1] += runs.pop(i + 1)[1]
+        if i > 0 and runs[i - 1][0] + runs[i - 1][1] == start:  # and the previous one
+            runs[i - 1][1] += runs.pop(i)[1]
+
+    def _rebuild(self, slots: int) -> None:
+        """A new tensor of `slots` slots (and the sink) with the live regions packed at its front."""
+        new = torch.zeros(self.span.length, 2, self.kv_heads, slots + 1, self.head_dim, dtype=self.dtype,
+                          device=self.device)
+        at = 0
+        for region in sorted(self._live, key=lambda r: r.start):
+            new[:, :, :, at : at + region.slots].copy_(self.storage[:, :, :, region.start : region.start + region.slots])
+            region.start = at
+            at += region.slots
+        self.storage, self.slots = new, slots
+        self.keys = list(new[:, 0].unbind(0))
+        self.values = list(new[:, 1].unbind(0))
+        self._free = [[at, slots - at]] if slots > at else []
+        self.generation += 1
+
+    def _zero(self, start: int, n: int) -> None:
+        self.storage[:, :, :, start : start + n].zero_()
+
+
+class KVCache:
+    """Keys and values of one session (`rows` sequences) on blocks `span`, in a region of `pool`.
+    Mutated by `reserve`, `begin`, `commit`, `rollback`, `free` (K/V themselves are written by the
+    forward, into `pool` at `slot_index`); read by the attention through `layer()`."""
+
+    def __init__(self, span: Span, rows: int, max_length: int, bytes_per_block_token: int, budget: KVBudget,
+                 pool: KVPool):
+        if pool.span != span:
+            raise ValueError(f"a cache on blocks {span} needs a pool of those blocks, not {pool.span}")
         self.span = span
         self.rows = rows
         self.max_length = max_length
         self.budget = budget
+        self.pool = pool
+        self.region = Region()
         self.row_token_bytes = bytes_per_block_token * span.length  # one slot of one row, every block
         self.length = 0  # slots already committed
         self.capacity = 0  # slots allocated per row (a whole number of pages)
         self.valid = torch.zeros(rows, 0, dtype=torch.bool)
-        self._keys: list[torch.Tensor | None] = [None] * span.length
-        self._values: list[torch.Tensor | None] = [None] * span.length
         self.pending = 0  # slots of the step in flight
         self.freed = False
-        self.decode_graph = None  # swarm.runtime.graphs.GraphState recorded for this cache, if any
 
     # ---------------------------------------------------------------- memory
 
     @property
     def nbytes(self) -> int:
-        """Bytes taken from the budget (= the storage allocated, once the first step ran)."""
+        """Bytes taken from the budget (= the pool slots this cache holds)."""
         return self.capacity * self.rows * self.row_token_bytes
 
     @property
@@ -94,10 +240,12 @@ class KVCache:
         return self.rows * self.length
 
     def reserve(self, end: int) -> None:
-        """Make room for slots [0, end) per row, taking pages from the budget; CacheFull if it has none.
-        Tensors are (re)allocated lazily by `write`, at the capacity reserved here."""
+        """Make room for slots [0, end) per row, taking pages from the budget (CacheFull if it has none)
+        and slots from the pool."""
         if end <= self.capacity:
             return
+        if self.freed:
+            raise CacheFull("the session's cache was freed")
         page = self.budget.page_tokens
         want = max(end, self.capacity + self.capacity // GROWTH_FRACTION)
         capacity = min(math.ceil(want / page) * page, max(math.ceil(self.max_length / page) * page, page))
@@ -105,6 +253,11 @@ class KVCache:
         extra = (capacity - self.capacity) * self.rows * self.row_token_bytes
         if not self.budget.take(extra):
             raise CacheFull(f"{extra} bytes for {capacity - self.capacity} more slots x {self.rows} rows")
+        try:
+            self.pool.resize(self.region, self.rows, self.capacity, capacity, self.length)
+        except torch.OutOfMemoryError as e:  # the device has less than the budget says: wait like a full budget
+            self.budget.give(extra)
+            raise CacheFull(f"device out of memory for {capacity} slots x {self.rows} rows") from e
         self.capacity = capacity
 
     def free(self) -> None:
@@ -112,9 +265,7 @@ class KVCache:
         if not self.freed:
             self.freed = True
             self.budget.give(self.nbytes)
-            self._keys = [None] * self.span.length
-            self._values = [None] * self.span.length
-            self.decode_graph = None  # it holds the tensors too
+            self.pool.release(self.region)
 
     # ---------------------------------------------------------------- one step
 
@@ -126,42 +277,27 @@ class KVCache:
         self.pending = new
         self.valid = torch.cat([self.valid[:, : self.length], new_valid.to(torch.bool).cpu()], dim=1)
 
-    def write(self, block: int, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Store this step's K/V ([rows, kv_heads, new, head_dim]) of global block `block`."""
-        i = block - self.span.start
-        if self._keys[i] is None or self._keys[i].shape[2] < self.capacity:
-            self._keys[i] = self._grown(self._keys[i], key)
-            self._values[i] = self._grown(self._values[i], value)
-        new = key.shape[2]
-        self._keys[i].narrow(2, self.length, new).copy_(key)  # narrow: cheaper than slice assignment
-        self._values[i].narrow(2, self.length, new).copy_(value)
+    def row_starts(self) -> list[int]:
+        """Pool slot of each row's slot 0."""
+        return [self.region.start + row * self.capacity for row in range(self.rows)]
 
-    def write_at(self, block: int, slot: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Store one-slot K/V ([rows, kv_heads, 1, head_dim]) at slot tensor `slot` ([1]): no Python int
-        in the indexing, so a CUDA graph can record it; the tensors must already span the capacity."""
-        i = block - self.span.start
-        self._keys[i].index_copy_(2, slot, key)
-        self._values[i].index_copy_(2, slot, value)
-
-    def full(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block `block`'s K/V tensors over the whole capacity, unwritten slots included."""
-        i = block - self.span.start
-        return self._keys[i], self._values[i]
+    def slot_index(self) -> torch.Tensor:
+        """Pool slots the step in flight writes, row by row ([rows * pending] int64, on the CPU)."""
+        new = torch.arange(self.length, self.length + self.pending)
+        return (torch.tensor(self.row_starts())[:, None] + new).reshape(-1)
 
     def layer(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of block `block`'s K/V up to the end of the step in flight (no copy)."""
-        i = block - self.span.start
+        """Block `block`'s K/V up to the end of the step in flight: [rows, kv_heads, length, head_dim]
+        views of the pool (no copy)."""
         end = self.length + self.pending
-        return self._keys[i].narrow(2, 0, end), self._values[i].narrow(2, 0, end)
-
-    def _grown(self, old: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-        rows, heads, _, dim = like.shape
-        # zeros, not garbage: masked attention over the whole capacity (CUDA graphs) multiplies the unused
-        # slots' values by a probability of 0, and 0 x NaN would be NaN
-        new = like.new_zeros(rows, heads, self.capacity, dim)
-        if old is not None and self.length:
-            new[:, :, : self.length] = old[:, :, : self.length]
-        return new
+        i = block - self.span.start
+        start, capacity = self.region.start, self.capacity
+        k, v = self.pool.keys[i], self.pool.values[i]
+        if self.rows == 1:
+            return k.narrow(1, start, end).unsqueeze(0), v.narrow(1, start, end).unsqueeze(0)
+        k = k.narrow(1, start, self.rows * capacity).unflatten(1, (self.rows, capacity)).transpose(0, 1)
+        v = v.narrow(1, start, self.rows * capacity).unflatten(1, (self.rows, capacity)).transpose(0, 1)
+        return k.narrow(2, 0, end), v.narrow(2, 0, end)
 
     def commit(self) -> None:
         self.length += self.pending

@@ -16,6 +16,7 @@ padding slots masked, a sliding window where the layer type asks for one; None w
 from __future__ import annotations
 
 import inspect
+import logging
 import sys
 from dataclasses import dataclass, field
 
@@ -26,9 +27,11 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from swarm.errors import ConfigError
-from swarm.runtime.cache import KVBudget, KVCache, unlimited_budget
+from swarm.runtime.cache import KVBudget, KVCache, KVPool, unlimited_budget
 from swarm.runtime.graphs import DecodeGraphs
 from swarm.runtime.loading import LoadedSpan
+
+logger = logging.getLogger(__name__)
 
 VARLEN_ATTENTION = "swarm_varlen"
 
@@ -72,14 +75,30 @@ class Segment:
 
 class _Step:
     """What the layers see as their cache for one batched forward; our attention reads it from kwargs.
-    `graph`: the static buffers of a CUDA-graph decode step (swarm.runtime.graphs), None when eager."""
+    Every segment's new K/V go into the pool with one `index_copy_` per block (at `write_index`); when
+    `flash` is set (CUDA, no padding) one varlen flash-attention call per block reads every session's
+    region of the pool in place, else attention runs per segment over views of its cache."""
 
-    def __init__(self, model: SpanModel, segments: list[Segment], graph=None):
+    def __init__(self, model: SpanModel, segments: list[Segment]):
         self.model = model
         self.segments = segments
-        self.graph = graph
+        self.pool = segments[0].cache.pool
         self.shapes = [(s.rows, s.new) for s in segments]
         self.sizes = [rows * new for rows, new in self.shapes]
+        index = [s.cache.slot_index() for s in segments]
+        self.write_index = (index[0] if len(index) == 1 else torch.cat(index)).to(model.device)
+        self.flash = None
+        if model.flash and all(bool(s.cache.valid.all()) for s in segments):
+            self.flash = _FlashBatch.of(segments, model.device)
+            model.flash_forwards += 1
+
+    @classmethod
+    def static(cls, model: SpanModel, pool: KVPool, write_index: torch.Tensor, flash: _FlashBatch) -> _Step:
+        """A step over static buffers (a CUDA graph's): no segments, flash attention only."""
+        step = cls.__new__(cls)
+        step.model, step.segments, step.pool = model, [], pool
+        step.shapes, step.sizes, step.write_index, step.flash = [], [], write_index, flash
+        return step
 
     def split(self, packed: torch.Tensor) -> list[torch.Tensor]:
         """[1, heads, total, dim] -> each segment's [rows, heads, new, dim] (views from one split call)."""
@@ -88,15 +107,51 @@ class _Step:
                 for part, (rows, new) in zip(parts, self.shapes, strict=True)]
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """Store each segment's new K/V in its cache; the attention reads the caches, not the return value."""
-        for s, k, v in zip(self.segments, self.split(key), self.split(value), strict=True):
-            if self.graph is not None:
-                s.cache.write_at(layer_idx, self.graph.slot, k, v)
-            else:
-                s.cache.write(layer_idx, k, v)
+        """Store every segment's new K/V ([1, kv_heads, total, head_dim]) in the pool's block
+        ([kv_heads, slots, head_dim]); the attention reads the pool, not the return value."""
+        i = layer_idx - self.pool.span.start
+        self.pool.keys[i].index_copy_(1, self.write_index, key[0])
+        self.pool.values[i].index_copy_(1, self.write_index, value[0])
         return key, value
 
     is_compileable = False
+
+
+class _FlashBatch:
+    """Varlen flash-attention arguments of one forward whose segments need no mask but causality (no
+    padding): each row of each segment is one sequence, its queries the segment's new tokens, its keys
+    its row's region of the pool (start offset, used length: the new tokens' K/V included).
+    `meta`: int32 [cu_q (rows + 1) | region starts (rows, then one unused) | used lengths (rows)]."""
+
+    def __init__(self, meta: torch.Tensor, rows: int, max_q: int, max_k: int):
+        self.cu_q, self.cu_k, self.used = meta[: rows + 1], meta[rows + 1 : 2 * rows + 2], meta[2 * rows + 2 :]
+        self.max_q, self.max_k = max_q, max_k
+
+    @classmethod
+    def of(cls, segments: list[Segment], device: torch.device) -> _FlashBatch:
+        starts, used, news = [], [], []
+        for s in segments:
+            cache = s.cache
+            starts += cache.row_starts()
+            used += [cache.length + cache.pending] * s.rows
+            news += [s.new] * s.rows
+        rows = len(starts)
+        meta = torch.tensor([0] + news + starts + [0] + used, dtype=torch.int32)
+        meta[: rows + 1] = meta[: rows + 1].cumsum(0)
+        return cls(meta.to(device, non_blocking=True), rows, max(news), max(used))
+
+
+def _flash_attention(step: _Step, block: int, window, query, scaling) -> torch.Tensor:
+    """Every segment's attention in one varlen flash-attention call over the pool, read in place."""
+    f, pool = step.flash, step.pool
+    i = block - pool.span.start
+    q = query[0].transpose(0, 1)  # [total, heads, head_dim]
+    out = torch.ops.aten._flash_attention_forward(
+        q, pool.keys[i].transpose(0, 1), pool.values[i].transpose(0, 1), f.cu_q, f.cu_k, f.max_q, f.max_k,
+        0.0, True, False, scale=scaling, seqused_k=f.used,
+        window_size_left=-1 if window is None else window - 1, window_size_right=-1 if window is None else 0,
+    )[0]
+    return out.unsqueeze(0)
 
 
 def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -105,8 +160,14 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     model = step.model
     block = module.layer_idx
     window = model.windows[block - model.span.start]
-    if step.graph is not None:
-        return _graph_attention(step, block, window, query, scaling), None
+    if step.flash is not None and model.flash:
+        try:
+            return _flash_attention(step, block, window, query, scaling), None
+        except RuntimeError as e:  # this GPU or build has no flash kernel for it: per-segment SDPA from now on
+            if not step.segments:  # a graph's static step: its caller falls back
+                raise
+            model.flash = False
+            logger.warning("varlen flash attention off for this span (%s); attention runs per session", e)
     outs = []
     for s, q, (rows, new) in zip(step.segments, step.split(query), step.shapes, strict=True):
         if window not in s.masks:
@@ -123,25 +184,13 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     return (outs[0] if len(outs) == 1 else torch.cat(outs)).unsqueeze(0), None
 
 
-def _graph_attention(step: _Step, block: int, window, query, scaling) -> torch.Tensor:
-    """A decode step's attention with static shapes: over the whole capacity of the cache with the step's
-    mask, the query heads that share a K/V head grouped as that head's queries (GQA with no K/V repeat)."""
-    (s,) = step.segments
-    k, v = s.cache.full(block)
-    (q,) = step.split(query)  # [rows, heads, 1, dim]
-    rows, heads, _, dim = q.shape
-    grouped = q.reshape(rows, k.shape[1], heads // k.shape[1], dim)  # head h uses K/V head h // group
-    out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=step.graph.masks[window], scale=scaling)
-    return out.reshape(rows, heads, dim).unsqueeze(0)  # [1, rows * 1 token, heads, dim]
-
-
 AttentionInterface.register(VARLEN_ATTENTION, varlen_attention)
 
 
 class SpanModel(nn.Module):
     """A loaded span, runnable step by step. Stateless between steps; state lives in the KVCaches."""
 
-    def __init__(self, loaded: LoadedSpan, cuda_graphs: bool = False):
+    def __init__(self, loaded: LoadedSpan, cuda_graphs: bool = False, flash: bool = True):
         super().__init__()
         self.config = loaded.config
         self.span = loaded.span
@@ -163,16 +212,29 @@ class SpanModel(nn.Module):
         first = next(self.layers.parameters())
         self.dtype, self.device = first.dtype, first.device
         c = self.config
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        self.bytes_per_block_token = 2 * c.num_key_value_heads * head_dim * first.element_size()
-        # single-session decode steps replay a CUDA graph (swarm.runtime.graphs); CUDA only
-        # (their attention is SDPA's: not for a span that runs eager attention)
-        self.graphs = DecodeGraphs(self) if cuda_graphs and self.device.type == "cuda" and not self._eager else None
+        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        self.bytes_per_block_token = 2 * c.num_key_value_heads * self.head_dim * first.element_size()
+        self._pools: dict[tuple[int, int], KVPool] = {}  # block range -> the K/V storage of its sessions
+        # one varlen flash-attention kernel per block for a whole batch (CUDA, half precision, Ampere or later)
+        self.flash = (flash and self.device.type == "cuda" and not self._eager and self.head_dim <= 256
+                      and self.dtype in (torch.float16, torch.bfloat16)
+                      and torch.cuda.get_device_capability(self.device)[0] >= 8)
+        self.flash_forwards = 0  # eager forwards that took the flash path (tests and `info` read it)
+        # batched decode steps replay CUDA graphs (swarm.runtime.graphs): on the flash path only
+        self.graphs = DecodeGraphs(self) if cuda_graphs and self.flash else None
 
     def new_cache(self, rows: int, max_length: int, budget: KVBudget | None = None,
                   blocks: tuple[int, int] | None = None) -> KVCache:
         span = self.span if blocks is None else type(self.span)(*blocks)
-        return KVCache(span, rows, max_length, self.bytes_per_block_token, budget or unlimited_budget())
+        return KVCache(span, rows, max_length, self.bytes_per_block_token, budget or unlimited_budget(),
+                       self.pool(span))
+
+    def pool(self, span) -> KVPool:
+        """The K/V storage shared by the sessions on blocks `span` (one per block range)."""
+        key = (span.start, span.end)
+        if key not in self._pools:
+            self._pools[key] = KVPool(span, self.config.num_key_value_heads, self.head_dim, self.dtype, self.device)
+        return self._pools[key]
 
     def mask_or_none(self, cache: KVCache, new: int, window: int | None) -> torch.Tensor | None:
         """None where attention needs no mask (as transformers decides): a single new token, or a whole
@@ -200,11 +262,11 @@ class SpanModel(nn.Module):
         )
 
     @torch.inference_mode()
-    def run(self, segments: list[Segment], may_record: bool = True) -> list[torch.Tensor]:
+    def run(self, segments: list[Segment]) -> list[torch.Tensor]:
         """One batched forward over every segment's blocks (all segments' caches cover the same blocks, which
         must lie in this span); commits each step into its cache, or rolls every one back on error.
         Returns each segment's output hidden states [rows, new, hidden_size] on this model's device.
-        A lone decode step replays its session's CUDA graph when graphs are on (`may_record`: or records it)."""
+        A batch of decode steps replays a CUDA graph when graphs are on (swarm.runtime.graphs)."""
         blocks = segments[0].cache.span
         if any(s.cache.span != blocks for s in segments) or not (self.span.start <= blocks.start < blocks.end <= self.span.end):
             raise ValueError(f"segments of one forward must share blocks within {self.span}")
@@ -213,10 +275,10 @@ class SpanModel(nn.Module):
         for s in segments:
             s.offset, s.masks = offset, {}
             offset = s.end
-        if self.graphs is not None and len(segments) == 1 and segments[0].new == 1:
-            out = self.graphs.run(segments[0], may_record)
-            if out is not None:
-                return [out]
+        if self.graphs is not None:
+            outs = self.graphs.run(segments)
+            if outs is not None:
+                return outs
         hidden = torch.cat([s.hidden.reshape(-1, hidden_size) for s in segments]).to(self.device, self.dtype)[None]
         position_ids = torch.cat([s.position_ids.reshape(-1) for s in segments]).to(self.device)[None]
         for s in segments:
