@@ -56,8 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompts run in chunks of this many tokens so other sessions' steps are not stalled")
     p.add_argument("--admission-timeout-s", type=float, default=d["admission_timeout_s"],
                    help="how long a new session waits for KV memory before it is refused")
+    p.add_argument("--batch-wait-ms", type=float, default=d["batch_wait_ms"],
+                   help="how long a decode step may wait for other active sessions' steps to share its forward "
+                        "(default: 4 on CUDA, 0 on CPU)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                   help="run single-session decode steps eagerly instead of replaying a CUDA graph (CUDA only)")
+                   help="run batched decode steps eagerly instead of replaying CUDA graphs (CUDA only)")
     p.add_argument("--max-session-length", type=int, default=d["max_session_length_tokens"])
     p.add_argument("--max-tokens-per-step", type=int, default=d["max_tokens_per_step"])
     p.add_argument("--num-threads", type=int, help="torch CPU threads (default: all cores); use 1 when several peers share a machine")
@@ -95,6 +98,7 @@ def config_from_args(args: argparse.Namespace) -> PeerConfig:
         cache_tokens=args.cache_tokens, cache_bytes=args.cache_bytes,
         max_sessions_per_client=args.max_sessions_per_client, max_batch_tokens=args.max_batch_tokens,
         prefill_chunk_tokens=args.prefill_chunk_tokens, admission_timeout_s=args.admission_timeout_s,
+        batch_wait_ms=args.batch_wait_ms,
         cuda_graphs=args.cuda_graphs, max_session_length_tokens=args.max_session_length,
         max_tokens_per_step=args.max_tokens_per_step, num_threads=args.num_threads, progress=True,
         drain_grace_s=args.drain_grace_s, drain_notice_file=args.drain_notice_file,

@@ -10,6 +10,13 @@ Bounded wait: a step is taken in the first iteration in which the steps ahead of
 each iteration takes at least a chunk of the oldest step, so a step waits at most for the chunks of
 the steps that arrived before it (a few iterations), never for steps that arrive after it.
 
+Gathering: a forward of a big model costs about the same for one decode step as for dozens (its time
+goes to reading the weights and, from Python, to launching kernels), so on a GPU a peer that ran every
+step as soon as it came would spend its time on small forwards while the other sessions' steps arrive
+one by one. So when only decode steps are queued, and fewer sessions have a step queued than stepped
+here in the last second, the forward waits for them, at most `batch_wait_s` after the oldest step came;
+a steady crowd then moves in cohorts that share each forward. 0 turns it off (the CPU's default).
+
 Memory: before a chunk runs, its session's cache reserves the pages it needs. When the budget has no
 room the step stays queued (and `memory_waiters` tells admission to let no new session in) until a
 session closes; nothing running is evicted.
@@ -39,9 +46,9 @@ from swarm.runtime.span import Segment, SpanModel
 logger = logging.getLogger(__name__)
 
 MEMORY_RETRY_S = 0.05  # how often steps waiting for KV pages look again (a close also wakes them)
+RECENT_S = 1.0  # a session that stepped within this long counts as active when steps gather
 INLINE_MAX_TOKENS = 16  # token rows of a step that may run inline (a lone decode step, not a prompt): it
 # blocks the event loop while it runs, and past a few rows the thread hand-off is a small part of a step
-QUIET_ITERATIONS = 8  # a lone step may record a CUDA graph after this many iterations of one segment each
 
 
 @dataclass(eq=False)
@@ -80,10 +87,13 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, model: SpanModel, *, max_batch_tokens: int = 2048, prefill_chunk_tokens: int = 512):
+    def __init__(self, model: SpanModel, *, max_batch_tokens: int = 2048, prefill_chunk_tokens: int = 512,
+                 batch_wait_s: float = 0.0):
         self.model = model
         self.max_batch_tokens = max_batch_tokens
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.batch_wait_s = batch_wait_s
+        self._last_step_s: dict[KVCache, float] = {}  # when each open session last submitted a step
         self.stats = SchedulerStats()
         self._queue: list[_Work] = []
         self._running: set[KVCache] = set()
@@ -92,7 +102,6 @@ class Scheduler:
         self._stopped = False
         self._memory_wait = False
         self._inline_busy = False  # the event loop thread runs a step itself: the compute thread keeps off
-        self._lone_iterations = 0  # consecutive iterations of a single segment (CUDA graphs pay then)
         self._thread = threading.Thread(target=self._serve, name="scheduler", daemon=True)
 
     def start(self) -> None:
@@ -120,6 +129,7 @@ class Scheduler:
             lone = alone and not self._queue and not self._running and hidden.shape[0] * hidden.shape[1] <= min(
                 INLINE_MAX_TOKENS, self.max_batch_tokens) and hidden.shape[1] <= self.prefill_chunk_tokens
             self._queue.append(work)
+            self._last_step_s[cache] = work.enqueued_s
             batch = self._take() if lone else []
             if not batch:
                 self._cond.notify_all()
@@ -138,6 +148,7 @@ class Scheduler:
     def release(self, cache: KVCache) -> None:
         """The session is gone: drop its queued steps and give its pages back (after the forward it is in)."""
         with self._cond:
+            self._last_step_s.pop(cache, None)
             for work in [w for w in self._queue if w.cache is cache]:
                 self._queue.remove(work)
                 _resolve(work, cancel=True)
@@ -168,6 +179,10 @@ class Scheduler:
                     for work in self._queue:
                         _resolve(work, error=RuntimeError("the peer is shutting down"))
                     return
+                delay = self._gather_delay()
+                if delay > 0:  # other active sessions' decode steps are due: let them join this forward
+                    self._cond.wait(delay)
+                    continue
                 batch = self._take()
                 if not batch:  # every waiting step needs KV pages nobody has freed yet
                     self._cond.wait(MEMORY_RETRY_S)
@@ -180,10 +195,27 @@ class Scheduler:
 
     def _after_run(self) -> None:
         with self._cond:
-            self._running = set()
-            for cache in self._to_free:
-                cache.free()
-            self._to_free.clear()
+            self._done_running()
+
+    def _done_running(self) -> None:
+        """The forward is over (lock held): free the caches released meanwhile. Done before any step's
+        future is settled, so a waiter that submits at once finds the peer idle (and may run inline)."""
+        self._running = set()
+        for cache in self._to_free:
+            cache.free()
+        self._to_free.clear()
+
+    def _gather_delay(self) -> float:
+        """How much longer the queued steps wait for others (lock held); 0: run them now."""
+        if self.batch_wait_s <= 0 or any(w.left > 1 for w in self._queue):
+            return 0.0
+        now = time.monotonic()
+        left = self._queue[0].enqueued_s + self.batch_wait_s - now
+        if left <= 0:
+            return 0.0
+        queued = {w.cache for w in self._queue}
+        active = sum(now - t < RECENT_S for t in self._last_step_s.values())
+        return left if len(queued) < active else 0.0
 
     def _take(self) -> list[tuple[_Work, int]]:
         """Pick this iteration's chunks (called with the lock held): FIFO, one block range, token budget."""
@@ -224,15 +256,15 @@ class Scheduler:
                     w.valid[:, w.done : w.done + n])
             for w, n in batch
         ]
-        self._lone_iterations = self._lone_iterations + 1 if len(segments) == 1 else 0
         try:
-            outs = self.model.run(segments, may_record=self._lone_iterations >= QUIET_ITERATIONS)
+            outs = self.model.run(segments)
             hidden_size = outs[0].shape[-1]
             flat = torch.cat([o.reshape(-1, hidden_size) for o in outs]).cpu() if len(outs) > 1 else outs[0].cpu()
             flat = flat.reshape(-1, hidden_size)  # [token rows of every segment, hidden]
         except Exception as e:  # e.g. out of device memory: these steps fail, the peer goes on
             logger.exception("batched forward of %d segments failed", len(segments))
             with self._cond:
+                self._done_running()
                 for work, _ in batch:
                     if work in self._queue:
                         self._queue.remove(work)
@@ -244,17 +276,46 @@ class Scheduler:
         s.tokens += sum(seg.rows * seg.new for seg in segments)
         s.max_batch_segments = max(s.max_batch_segments, len(segments))
         offset = 0
+        finished = []
         with self._cond:
+            self._done_running()
             for (work, n), seg in zip(batch, segments, strict=True):
                 size = seg.rows * seg.new
                 work.outputs.append(flat[offset : offset + size].view(seg.rows, n, -1))
                 offset += size
                 work.done += n
-                if work.left == 0 and work in self._queue:
-                    self._queue.remove(work)
-                    s.steps += 1
-                    out = work.outputs[0] if len(work.outputs) == 1 else torch.cat(work.outputs, dim=1)
-                    _resolve(work, result=out)
+                if work.left == 0:
+                    finished.append(work)
+            done = set(finished)
+            self._queue = [w for w in self._queue if w not in done]
+        s.steps += len(finished)
+        _resolve_all([(w, w.outputs[0] if len(w.outputs) == 1 else torch.cat(w.outputs, dim=1)) for w in finished])
+
+
+def _resolve_all(results: list[tuple[_Work, torch.Tensor]]) -> None:
+    """Complete the futures of an iteration's finished steps: one wake-up of each event loop for all of
+    its steps (not one per step), or at once for an inline step."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for work, out in results:
+        if threading.get_ident() == work.thread:
+            _settle(work, out)
+        else:
+            by_loop.setdefault(work.loop, []).append((work, out))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle_many, items)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+
+def _settle(work: _Work, out: torch.Tensor) -> None:
+    if not work.future.done():
+        work.future.set_result(out)
+
+
+def _settle_many(items) -> None:
+    for work, out in items:
+        _settle(work, out)
 
 
 def _resolve(work: _Work, *, result=None, error: BaseException | None = None, cancel: bool = False) -> None:

@@ -123,7 +123,7 @@ class PeerServer:
         self.budget = KVBudget(planned, self.config.page_tokens)
         self.scheduler = Scheduler(
             self.span_model, max_batch_tokens=self.config.max_batch_tokens,
-            prefill_chunk_tokens=self.config.prefill_chunk_tokens,
+            prefill_chunk_tokens=self.config.prefill_chunk_tokens, batch_wait_s=batch_wait_s(self.config),
         )
         self.sessions = SessionManager(
             self.config, self.budget, self.span_model.bytes_per_block_token * self.span.length,  # as caches count
@@ -466,6 +466,12 @@ class PeerServer:
             logger.debug("forward stream from %s ended: %r", pusher, e)
         finally:
             writer.close()
+
+
+def batch_wait_s(config: PeerConfig) -> float:
+    if config.batch_wait_ms is not None:
+        return config.batch_wait_ms / 1000
+    return 0.004 if config.device.startswith("cuda") else 0.0
 
 
 def _error_code(e: ProtocolError | PeerRefused) -> str:

@@ -67,6 +67,7 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 _DTYPE_NAMES = {v: k for k, v in WIRE_DTYPES.items()}
+_ITEMSIZE = {name: dtype.itemsize for name, dtype in WIRE_DTYPES.items()}
 
 
 # ---------------------------------------------------------------- framing
@@ -80,8 +81,9 @@ async def write_message(writer: asyncio.StreamWriter, message: dict) -> None:
     for offset in offsets:
         part = view[offset : offset + FRAME_BYTES]
         more = _MORE if offset + FRAME_BYTES < len(view) else 0
-        writer.write((len(part) | more).to_bytes(_HEADER, "big"))
-        writer.write(part)
+        # one write per frame: over TLS every write is a record of its own (and a pass through asyncio's
+        # SSL layer), so the header goes with its payload
+        writer.write((len(part) | more).to_bytes(_HEADER, "big") + part)
     await writer.drain()
 
 
@@ -137,8 +139,7 @@ def unpack_tensor(obj: Any, field: str, *, dtypes: set[str] | None = None, rank:
         raise ProtocolError(f"{field}: shape must be non-negative integers, got {shape}")
     data = require(obj.get("data"), bytes, f"{field}.data")
     dtype = WIRE_DTYPES[dtype_name]
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    expected = math.prod(shape) * itemsize
+    expected = math.prod(shape) * _ITEMSIZE[dtype_name]
     if len(data) != expected:
         raise ProtocolError(f"{field}: {len(data)} bytes do not match shape {shape} of {dtype_name} ({expected})")
     if expected == 0:

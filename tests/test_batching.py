@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 import torch
@@ -84,8 +85,27 @@ def test_batched_forward_equals_each_alone_bf16_cuda(tiny_model_path, family):
     check_batched_equals_alone(model, tolerance=2e-2)
 
 
-def check_batched_equals_alone(model: SpanModel, tolerance: float) -> None:
-    plan = session_plan()
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family,window", [("llama", None), ("mistral", 6)])
+def test_varlen_flash_batch_equals_sdpa_per_session_bf16_cuda(tiny_model_path, family, window):
+    """Sessions with no padding share one varlen flash-attention call per block (over the pool, in place);
+    their outputs match each session alone through per-session SDPA (flash off) within 2e-2 in bfloat16,
+    sliding window included."""
+    path = tiny_model_path(family)
+    flash = SpanModel(load_span(path, Span(1, 4), dtype=torch.bfloat16, device="cuda"))
+    sdpa = SpanModel(load_span(path, Span(1, 4), dtype=torch.bfloat16, device="cuda"), flash=False)
+    if window is not None:
+        flash.windows = sdpa.windows = [window] * 3
+    plan = [(rows, lengths, 0) for rows, lengths, _ in session_plan()]
+    check_batched_equals_alone(flash, tolerance=2e-2, plan=plan, reference=sdpa)
+    assert flash.flash and flash.flash_forwards == len(plan[0][1])
+    assert not sdpa.flash and sdpa.flash_forwards == 0
+
+
+def check_batched_equals_alone(model: SpanModel, tolerance: float, plan=None, reference: SpanModel | None = None):
+    """Every session of `plan` step by step alone (through `reference`, default `model`), then all of them
+    together, step j of each in one forward: the same outputs."""
+    plan = plan or session_plan()
     inputs = []
     for k, (rows, lengths, pad) in enumerate(plan):
         steps, at = [], 0
@@ -97,10 +117,11 @@ def check_batched_equals_alone(model: SpanModel, tolerance: float) -> None:
     # alone: every session on its own, step by step
     alone = []
     for (rows, _lengths, _), steps in zip(plan, inputs, strict=True):
-        cache = model.new_cache(rows, 64)
-        alone.append([model(h, p, v, cache).float().cpu() for h, p, v in steps])
+        cache = (reference or model).new_cache(rows, 64)
+        alone.append([(reference or model)(h, p, v, cache).float().cpu() for h, p, v in steps])
     # together: round j runs every session's step j in one forward (prefill and decode mixed)
     caches = [model.new_cache(rows, 64) for rows, _, _ in plan]
+    model.flash_forwards = 0
     for j in range(len(plan[0][1])):
         segments = []
         for cache, steps in zip(caches, inputs, strict=True):
@@ -235,6 +256,43 @@ def test_a_lone_sessions_decode_steps_run_inline_and_a_crowd_goes_to_the_compute
     assert not any(crowd_inline), crowd_inline
 
 
+def test_decode_steps_gather_for_active_sessions_within_the_wait_bound(span_models):
+    """batch_wait_s: a decode step waits for the steps of the other sessions that stepped lately, so they
+    share one forward; it never waits longer than the bound for a session that does not come, and a
+    session alone (or a prompt) does not wait."""
+    model = span_models("llama")
+    scheduler = Scheduler(model, batch_wait_s=0.4)
+    scheduler.start()
+
+    async def main():
+        a, b = model.new_cache(1, 64), model.new_cache(1, 64)
+        start = time.monotonic()
+        await asyncio.gather(scheduler.submit(a, *step_inputs(1, 4, 0, seed=1)),
+                             scheduler.submit(b, *step_inputs(1, 4, 0, seed=2)))
+        prompts_s = time.monotonic() - start  # prompts do not wait
+        iterations = scheduler.stats.iterations
+        first = scheduler.submit(a, *step_inputs(1, 1, 4, seed=3))
+        await asyncio.sleep(0.1)
+        assert not first.done()  # b stepped lately: a's step waits for it
+        await asyncio.gather(first, scheduler.submit(b, *step_inputs(1, 1, 4, seed=4)))
+        together = scheduler.stats.iterations - iterations
+        start = time.monotonic()
+        await scheduler.submit(a, *step_inputs(1, 1, 5, seed=5))  # b does not come: the bound
+        bounded_s = time.monotonic() - start
+        scheduler.release(b)
+        start = time.monotonic()
+        await scheduler.submit(a, *step_inputs(1, 1, 6, seed=6))  # alone now: no wait
+        return prompts_s, together, bounded_s, time.monotonic() - start
+
+    try:
+        prompts_s, together, bounded_s, alone_s = run_async(main())
+    finally:
+        scheduler.stop()
+    assert together == 1 and scheduler.stats.max_batch_segments == 2
+    assert 0.35 <= bounded_s < 1.0, bounded_s
+    assert prompts_s < 0.3 and alone_s < 0.3, (prompts_s, alone_s)
+
+
 # ---------------------------------------------------------------- KV memory
 
 
@@ -247,7 +305,7 @@ def test_pages_follow_use_not_the_declared_length(span_models):
     assert budget.used_bytes == 2 * 16 * per_token  # one page per row, not 8192 slots
     for _ in range(400):  # grow one token at a time to 410
         model(*step_inputs(2, 1, cache.length, seed=cache.length), cache)
-    stored = sum(t.numel() * t.element_size() for t in cache._keys + cache._values)
+    stored = cache.region.slots * cache.pool.slot_bytes  # the pool slots this session holds
     assert stored == budget.used_bytes == cache.nbytes
     theory = cache.tokens * per_token
     assert theory <= stored <= 1.1 * theory, (stored, theory)
