@@ -207,6 +207,7 @@ class PeerServer:
             if model.device.type == "cuda":
                 torch.cuda.synchronize(model.device)
             best = min(best, time.perf_counter() - start)
+            cache.free()
         return tokens / max(best, 1e-6)
 
     @property
