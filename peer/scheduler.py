@@ -289,52 +289,39 @@ class Scheduler:
             done = set(finished)
             self._queue = [w for w in self._queue if w not in done]
         s.steps += len(finished)
-        _resolve_all([(w, w.outputs[0] if len(w.outputs) == 1 else torch.cat(w.outputs, dim=1)) for w in finished])
-
-
-def _resolve_all(results: list[tuple[_Work, torch.Tensor]]) -> None:
-    """Complete the futures of an iteration's finished steps: one wake-up of each event loop for all of
-    its steps (not one per step), or at once for an inline step."""
-    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-    for work, out in results:
-        if threading.get_ident() == work.thread:
-            _settle(work, out)
-        else:
-            by_loop.setdefault(work.loop, []).append((work, out))
-    for loop, items in by_loop.items():
-        try:
-            loop.call_soon_threadsafe(_settle_many, items)
-        except RuntimeError:  # the loop is closed: nobody waits any more
-            pass
-
-
-def _settle(work: _Work, out: torch.Tensor) -> None:
-    if not work.future.done():
-        work.future.set_result(out)
-
-
-def _settle_many(items) -> None:
-    for work, out in items:
-        _settle(work, out)
+        _resolve_all([(w, w.outputs[0] if len(w.outputs) == 1 else torch.cat(w.outputs, dim=1), None, False)
+                      for w in finished])
 
 
 def _resolve(work: _Work, *, result=None, error: BaseException | None = None, cancel: bool = False) -> None:
     """Complete a step's future from any thread (a no-op if its waiter already went away)."""
+    _resolve_all([(work, result, error, cancel)])
 
-    def settle() -> None:
+
+def _resolve_all(outcomes: list[tuple[_Work, torch.Tensor | None, BaseException | None, bool]]) -> None:
+    """Complete steps' futures, each with (result, error, cancel): at once for an inline step (its waiter
+    has not even started waiting), otherwise with one wake-up of each event loop for all of its steps."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for outcome in outcomes:
+        work = outcome[0]
+        if threading.get_ident() == work.thread:
+            _settle([outcome])
+        else:
+            by_loop.setdefault(work.loop, []).append(outcome)
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle, items)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+
+def _settle(outcomes) -> None:
+    for work, result, error, cancel in outcomes:
         if work.future.done():
-            return
+            continue
         if cancel:
             work.future.cancel()
         elif error is not None:
             work.future.set_exception(error)
         else:
             work.future.set_result(result)
-
-    if threading.get_ident() == work.thread:  # an inline step: its waiter has not even started waiting
-        settle()
-        return
-    try:
-        work.loop.call_soon_threadsafe(settle)
-    except RuntimeError:  # the loop is closed: nobody waits any more
-        pass
