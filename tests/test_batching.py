@@ -404,3 +404,27 @@ def test_clients_at_once_get_local_tokens_in_shared_forwards(inprocess_swarm, ti
             client.shutdown()
         for server in servers:
             inprocess_swarm.stop_peer(server)
+
+
+def test_flash_arguments_name_each_rows_region_and_pad_with_the_sink(span_models):
+    """The varlen flash path's arguments (built on the CPU too, used on CUDA): one sequence per row of each
+    segment, its queries the step's tokens, its keys its row's region up to the end of the step; graph
+    padding rows query the sink slot alone."""
+    from swarm.runtime.span import _FlashBatch
+
+    model = span_models("llama")
+    a, b = model.new_cache(1, 64), model.new_cache(2, 64)
+    segments = []
+    for cache, new in ((a, 3), (b, 1)):
+        cache.reserve(new)
+        segment = Segment(cache, *step_inputs(cache.rows, new, 0))
+        cache.begin(segment.valid)
+        segments.append(segment)
+    meta, max_q, max_k = _FlashBatch.meta(segments, rows=5, sink=999)
+    flash = _FlashBatch(meta, 5, max_q, max_k)
+    assert flash.cu_q.tolist() == [0, 3, 4, 5, 6, 7]
+    assert flash.cu_k.tolist()[:5] == [a.region.start, b.region.start, b.region.start + b.capacity, 999, 999]
+    assert flash.used.tolist() == [3, 1, 1, 1, 1] and (max_q, max_k) == (3, 3)
+    for cache in (a, b):
+        cache.rollback()
+        cache.free()

@@ -95,24 +95,16 @@ class DecodeGraphs:
         return list(out.view(rows, 1, -1).split([s.rows for s in segments]))
 
     def _fill(self, state: GraphState, segments, rows: int, pool) -> None:
+        from swarm.runtime.span import _FlashBatch
+
         model = self.model
         spare = state.rows - rows
         hidden = torch.cat([s.hidden.reshape(-1, model.config.hidden_size) for s in segments])
         positions = torch.cat([s.position_ids.reshape(-1) for s in segments])
-        starts, used, slots = [], [], []
-        for s in segments:
-            cache = s.cache
-            row_starts = cache.row_starts()
-            starts += row_starts
-            used += [cache.length + 1] * cache.rows
-            slots += [start + cache.length for start in row_starts]
-        # spare rows: attend to the sink slot alone and write their K/V there
-        starts += [pool.sink] * spare
-        used += [1] * spare
-        slots += [pool.sink] * spare
-        cu_q = list(range(state.rows + 1))
-        state.meta.copy_(torch.tensor(cu_q + starts + [0] + used, dtype=torch.int32), non_blocking=True)
-        state.write_index.copy_(torch.tensor(slots), non_blocking=True)
+        meta, _, _ = _FlashBatch.meta(segments, state.rows, pool.sink)
+        slots = torch.cat([s.cache.slot_index() for s in segments] + [torch.full((spare,), pool.sink)])
+        state.meta.copy_(meta, non_blocking=True)  # spare rows: attend to the sink slot alone, write there
+        state.write_index.copy_(slots, non_blocking=True)
         state.hidden[0, :rows].copy_(hidden, non_blocking=True)
         state.hidden[0, rows:].zero_()
         state.position_ids[0, :rows].copy_(positions, non_blocking=True)
@@ -122,10 +114,8 @@ class DecodeGraphs:
         from swarm.runtime.span import _FlashBatch, _Step
 
         model, device = self.model, self.model.device
-        meta = torch.zeros(2 * rows + 2 + rows, dtype=torch.int32, device=device)
-        meta[: rows + 1] = torch.arange(rows + 1, dtype=torch.int32, device=device)
-        meta[rows + 1 : 2 * rows + 1] = pool.sink
-        meta[2 * rows + 2 :] = 1
+        meta, _, _ = _FlashBatch.meta([], rows, pool.sink)
+        meta = meta.to(device)
         state = GraphState(
             generation=pool.generation, rows=rows,
             hidden=torch.zeros(1, rows, model.config.hidden_size, dtype=model.dtype, device=device),
@@ -135,8 +125,8 @@ class DecodeGraphs:
         )
 
         def step() -> torch.Tensor:
-            return model._layers(state.hidden, state.position_ids, _Step.static(model, pool, state.write_index,
-                                                                                 state.flash), pool.span)
+            return model._layers(state.hidden, state.position_ids, _Step(model, pool, state.write_index, state.flash),
+                                 pool.span)
 
         start = time.perf_counter()
         current = torch.cuda.current_stream(device)

@@ -79,26 +79,27 @@ class _Step:
     `flash` is set (CUDA, no padding) one varlen flash-attention call per block reads every session's
     region of the pool in place, else attention runs per segment over views of its cache."""
 
-    def __init__(self, model: SpanModel, segments: list[Segment]):
+    def __init__(self, model: SpanModel, pool: KVPool, write_index: torch.Tensor, flash: _FlashBatch | None,
+                 segments: list[Segment] = ()):
         self.model = model
-        self.segments = segments
-        self.pool = segments[0].cache.pool
+        self.pool = pool
+        self.write_index = write_index
+        self.flash = flash
+        self.segments = segments  # none for a graph's step over static buffers (flash attention only)
         self.shapes = [(s.rows, s.new) for s in segments]
         self.sizes = [rows * new for rows, new in self.shapes]
-        index = [s.cache.slot_index() for s in segments]
-        self.write_index = (index[0] if len(index) == 1 else torch.cat(index)).to(model.device)
-        self.flash = None
-        if model.flash and all(bool(s.cache.valid.all()) for s in segments):
-            self.flash = _FlashBatch.of(segments, model.device)
-            model.flash_forwards += 1
 
     @classmethod
-    def static(cls, model: SpanModel, pool: KVPool, write_index: torch.Tensor, flash: _FlashBatch) -> _Step:
-        """A step over static buffers (a CUDA graph's): no segments, flash attention only."""
-        step = cls.__new__(cls)
-        step.model, step.segments, step.pool = model, [], pool
-        step.shapes, step.sizes, step.write_index, step.flash = [], [], write_index, flash
-        return step
+    def of(cls, model: SpanModel, segments: list[Segment]) -> _Step:
+        """The eager step of `segments` (their caches' steps begun): write slots, and the flash arguments
+        when the flash path is on and no session has padding."""
+        index = [s.cache.slot_index() for s in segments]
+        write_index = (index[0] if len(index) == 1 else torch.cat(index)).to(model.device)
+        flash = None
+        if model.flash and all(bool(s.cache.valid.all()) for s in segments):
+            flash = _FlashBatch.of(segments, model.device)
+            model.flash_forwards += 1
+        return cls(model, segments[0].cache.pool, write_index, flash, segments)
 
     def split(self, packed: torch.Tensor) -> list[torch.Tensor]:
         """[1, heads, total, dim] -> each segment's [rows, heads, new, dim] (views from one split call)."""
@@ -127,18 +128,26 @@ class _FlashBatch:
         self.cu_q, self.cu_k, self.used = meta[: rows + 1], meta[rows + 1 : 2 * rows + 2], meta[2 * rows + 2 :]
         self.max_q, self.max_k = max_q, max_k
 
-    @classmethod
-    def of(cls, segments: list[Segment], device: torch.device) -> _FlashBatch:
+    @staticmethod
+    def meta(segments: list[Segment], rows: int = 0, sink: int = 0) -> tuple[torch.Tensor, int, int]:
+        """`meta` of the segments (their steps begun) on the CPU, padded to `rows` rows with spare ones (one
+        query over the `sink` slot alone), and the longest query and key runs."""
         starts, used, news = [], [], []
         for s in segments:
             cache = s.cache
             starts += cache.row_starts()
             used += [cache.length + cache.pending] * s.rows
             news += [s.new] * s.rows
-        rows = len(starts)
+        spare = max(0, rows - len(starts))
+        starts, used, news = starts + [sink] * spare, used + [1] * spare, news + [1] * spare
         meta = torch.tensor([0] + news + starts + [0] + used, dtype=torch.int32)
-        meta[: rows + 1] = meta[: rows + 1].cumsum(0)
-        return cls(meta.to(device, non_blocking=True), rows, max(news), max(used))
+        meta[: len(starts) + 1] = meta[: len(starts) + 1].cumsum(0)
+        return meta, max(news), max(used)
+
+    @classmethod
+    def of(cls, segments: list[Segment], device: torch.device) -> _FlashBatch:
+        meta, max_q, max_k = cls.meta(segments)
+        return cls(meta.to(device, non_blocking=True), sum(s.rows for s in segments), max_q, max_k)
 
 
 def _flash_attention(step: _Step, block: int, window, query, scaling) -> torch.Tensor:
@@ -284,7 +293,7 @@ class SpanModel(nn.Module):
         for s in segments:
             s.cache.begin(s.valid)
         try:
-            hidden = self._layers(hidden, position_ids, _Step(self, segments), blocks)
+            hidden = self._layers(hidden, position_ids, _Step.of(self, segments), blocks)
         except BaseException:
             for s in segments:
                 s.cache.rollback()
