@@ -15,11 +15,12 @@ copied per step; a region is copied only when it grows and cannot extend in plac
 its size, so O(1) per token amortized and capacity within 1/16 + one page of use).
 
 The pool's tensor grows on demand (doubling, copying the regions packed to its front, which also undoes
-fragmentation) and packs itself when its free runs are too scattered to place a region; it keeps its
-size when sessions close (like the allocator's cache: the budget, not the tensor, says what is in use),
-so CUDA graphs recorded over it (swarm.runtime.graphs) stay valid until it is reallocated
-(`generation`). One extra slot at its end, the sink, belongs to no region: idle rows of a graph write
-and read there. Slots handed to a region are zeroed.
+fragmentation) and packs its regions in place when its free runs are too scattered to place a region;
+it keeps its size when sessions close (like the allocator's cache: the budget, not the tensor, says
+what is in use), so CUDA graphs recorded over it (swarm.runtime.graphs) stay valid until it grows
+(`generation`): a region's place is an input of every replay, the tensor's address is not. One extra
+slot at its end, the sink, belongs to no region: idle rows of a graph write and read there. Slots
+handed to a region are zeroed.
 
 Slots are absolute positions in the session's stream, padding included; `valid[row, slot]` says
 whether a slot holds a real token (left padding does not), which the mask builder needs.
@@ -99,7 +100,7 @@ class KVPool:
         self.storage: torch.Tensor | None = None  # [blocks, 2, kv_heads, slots, head_dim]
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        self.generation = 0  # times the tensor was reallocated (grown or packed): regions moved
+        self.generation = 0  # times the tensor was reallocated (grown): graphs over the old one are stale
         self._free: list[list[int]] = []  # [start, length] runs, sorted by start, coalesced
         self._live: set[Region] = set()
         self._lock = threading.Lock()
@@ -170,7 +171,7 @@ class KVPool:
                 return start
         used = self.used_slots
         if self.slots - used >= n:  # room enough, but scattered: pack the regions
-            self._rebuild(self.slots)
+            self._pack()
         else:
             self._rebuild(max(used + n, 2 * self.slots, POOL_MIN_SLOTS))
         return self._place(n)
@@ -200,6 +201,18 @@ class KVPool:
         self.values = list(new[:, 1].unbind(0))
         self._free = [[at, slots - at]] if slots > at else []
         self.generation += 1
+
+    def _pack(self) -> None:
+        """Move the live regions to the front of the same tensor, in order (a region moves toward the front
+        by less than its length at times, so each goes through a copy)."""
+        at = 0
+        for region in sorted(self._live, key=lambda r: r.start):
+            if region.start != at:
+                moved = self.storage[:, :, :, region.start : region.start + region.slots].clone()
+                self.storage[:, :, :, at : at + region.slots].copy_(moved)
+                region.start = at
+            at += region.slots
+        self._free = [[at, self.slots - at]] if self.slots > at else []
 
     def _zero(self, start: int, n: int) -> None:
         self.storage[:, :, :, start : start + n].zero_()
