@@ -14,8 +14,11 @@ Gathering: a forward of a big model costs about the same for one decode step as 
 goes to reading the weights and, from Python, to launching kernels), so on a GPU a peer that ran every
 step as soon as it came would spend its time on small forwards while the other sessions' steps arrive
 one by one. So when only decode steps are queued, and fewer sessions have a step queued than stepped
-here in the last second, the forward waits for them, at most `batch_wait_s` after the oldest step came;
-a steady crowd then moves in cohorts that share each forward. 0 turns it off (the CPU's default).
+here in the last second, the forward waits for them: until no new step has come for a "quiet gap"
+(`batch_wait_s` / QUIET_FRACTION), and at most `batch_wait_s` after the oldest step came. A steady crowd
+then moves in cohorts that share each forward; the quiet gap ends the wait when a cohort's burst of
+steps is over instead of holding it for sessions that are elsewhere in their round (another cohort, a
+slow client). 0 turns it off (the CPU's default).
 
 Memory: before a chunk runs, its session's cache reserves the pages it needs. When the budget has no
 room the step stays queued (and `memory_waiters` tells admission to let no new session in) until a
@@ -47,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 MEMORY_RETRY_S = 0.05  # how often steps waiting for KV pages look again (a close also wakes them)
 RECENT_S = 1.0  # a session that stepped within this long counts as active when steps gather
+QUIET_FRACTION = 8  # gathering ends once no step came for batch_wait_s / QUIET_FRACTION
 INLINE_MAX_TOKENS = 16  # token rows of a step that may run inline (a lone decode step, not a prompt): it
 # blocks the event loop while it runs, and past a few rows the thread hand-off is a small part of a step
 
@@ -78,11 +82,14 @@ class SchedulerStats:
     tokens: int = 0  # token rows run
     max_batch_segments: int = 0
     max_wait_s: float = 0.0  # longest time a step waited for its first chunk to run
+    wait_s: float = 0.0  # summed over steps: queued until its first chunk ran (gathering included)
+    busy_s: float = 0.0  # summed over forwards: their wall time (device work included)
 
     def as_dict(self) -> dict:
         return {
             "iterations": self.iterations, "steps": self.steps, "segments": self.segments, "tokens": self.tokens,
             "max_batch_segments": self.max_batch_segments, "max_wait_ms": round(self.max_wait_s * 1000, 3),
+            "wait_s": round(self.wait_s, 4), "busy_s": round(self.busy_s, 4),
         }
 
 
@@ -210,7 +217,8 @@ class Scheduler:
         if self.batch_wait_s <= 0 or any(w.left > 1 for w in self._queue):
             return 0.0
         now = time.monotonic()
-        left = self._queue[0].enqueued_s + self.batch_wait_s - now
+        left = min(self._queue[0].enqueued_s + self.batch_wait_s,  # the bound, from the oldest step
+                   self._queue[-1].enqueued_s + self.batch_wait_s / QUIET_FRACTION) - now  # the quiet gap
         if left <= 0:
             return 0.0
         queued = {w.cache for w in self._queue}
@@ -248,6 +256,7 @@ class Scheduler:
             if not work.started:
                 work.started = True
                 self.stats.max_wait_s = max(self.stats.max_wait_s, now - work.enqueued_s)
+                self.stats.wait_s += now - work.enqueued_s
         return batch
 
     def _run(self, batch: list[tuple[_Work, int]]) -> None:
@@ -256,6 +265,7 @@ class Scheduler:
                     w.valid[:, w.done : w.done + n])
             for w, n in batch
         ]
+        started = time.monotonic()
         try:
             outs = self.model.run(segments)
             hidden_size = outs[0].shape[-1]
@@ -271,6 +281,7 @@ class Scheduler:
                     _resolve(work, error=e)
             return
         s = self.stats
+        s.busy_s += time.monotonic() - started
         s.iterations += 1
         s.segments += len(segments)
         s.tokens += sum(seg.rows * seg.new for seg in segments)

@@ -88,6 +88,9 @@ class PeerServer:
         self.compute_tokens_s = 1.0
         self.drain_deadline: float | None = None  # unix time this peer leaves; set once draining starts
         self.forward_stats = ForwardStats()
+        self.steps_served = 0  # steps run and answered
+        self.serve_s = 0.0  # summed over those: from submitting the step to its result written
+        self.answer_s = 0.0  # the part of it after the output came back: pushing it on and replying
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self._tasks: list[asyncio.Task] = []
         self.addrs: list[str] = []
@@ -243,6 +246,8 @@ class PeerServer:
                 "bytes_per_token_theory": self.sessions.span_token_bytes,
             },
             "scheduler": self.scheduler.stats.as_dict(),
+            "steps": {"served": self.steps_served, "serve_s": round(self.serve_s, 4),
+                      "answer_s": round(self.answer_s, 4)},
             "forward": self.forward_stats.as_dict(),
         }
         if self.direct is not None:
@@ -408,9 +413,11 @@ class PeerServer:
             else:
                 await write_message(writer, error_message(ERROR_PROTOCOL, str(e)))
             return True
+        begun = time.monotonic()
         at = session.position
         out = await self.scheduler.submit(session.cache, request.hidden, request.position_ids, request.valid,
                                           alone=self.sessions.active == 1)
+        computed = time.monotonic()
         hidden = pack_tensor(out)
         if source == "forward":
             session.forwarded_at = at
@@ -431,6 +438,10 @@ class PeerServer:
             result["pushed"] = pushed
         # in-band drain notice: the client learns it on this step, whatever the DHT says
         await write_message(writer, {**result, **self._drain_fields()})
+        done = time.monotonic()
+        self.steps_served += 1
+        self.serve_s += done - begun
+        self.answer_s += done - computed
         return True
 
     async def _record_of(self, peer_id: str, next_block: int) -> records.BlockRecord | None:
@@ -472,7 +483,7 @@ class PeerServer:
 def batch_wait_s(config: PeerConfig) -> float:
     if config.batch_wait_ms is not None:
         return config.batch_wait_ms / 1000
-    return 0.004 if config.device.startswith("cuda") else 0.0
+    return 0.02 if config.device.startswith("cuda") else 0.0
 
 
 def _error_code(e: ProtocolError | PeerRefused) -> str:
