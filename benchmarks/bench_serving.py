@@ -10,7 +10,7 @@ file explains every figure. Baselines (local transformers, and C = 1) are measur
      and warmed up once; each its own client model, p2pd, event loop and GIL, as C users would be C
      machines; --client-procs 1 puts all sessions in one process), one thread per session driving
      `InferenceSession.step` (several client models in a worker when the peers' per-client session
-     limit is below its share): every session prefills its own random prompt, all sessions of all
+     limit is below its share; a worker's sessions share one batched LM head, see `Heads`): every session prefills its own random prompt, all sessions of all
      workers wait at one cross-process barrier, then all decode N - 1 steps at once. Aggregate
      tokens/s = C x (N - 1) / (barrier to the last session's last token; `time.monotonic` is one clock
      for all processes); step latencies over all sessions' steps; greedy tokens of session 0
@@ -33,6 +33,7 @@ import contextlib
 import math
 import multiprocessing
 import os
+import queue
 import statistics
 import subprocess
 import sys
@@ -146,22 +147,69 @@ def ttft_runs(model, prompt: torch.Tensor, repeats: int, what: str) -> list[floa
     return times[1:]
 
 
-def next_token(client, session: InferenceSession, ids: torch.Tensor) -> int:
-    """One session step from token ids [1, new]; the greedy next token (norm + head here, as forward does)."""
-    hidden = session.step(client.embed_tokens(ids), torch.ones(ids.shape, dtype=torch.bool))
-    return int(client.lm_head(client.norm(hidden[:, -1:])).float()[0, -1].argmax())
+class Heads:
+    """A worker's next-token work for all of its sessions, batched: whatever sessions' hidden states are
+    waiting go through norm + LM head + greedy pick + the embedding of the picked tokens together, one
+    device pass and one host sync per batch (as `forward` + `generate` do for one session).
+
+    The load generator's stand-in for C users' own machines: here C sessions' clients share the peers'
+    one GPU, and C separate 1 GB LM-head reads per round (each a CUDA context switch and a sync) would
+    measure the clients' GPU contention, not the swarm's serving. Every C, C = 1 included, runs this way.
+    """
+
+    def __init__(self, client):
+        self.client = client
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="heads", daemon=True).start()
+
+    def next(self, hidden: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """(greedy next token, its embedding [1, 1, hidden] on the CPU) after a step's output [1, new, hidden]."""
+        slot: list = [threading.Event(), None]
+        self._queue.put((hidden[:, -1], slot))
+        slot[0].wait()
+        if isinstance(slot[1], BaseException):
+            raise slot[1]
+        return slot[1]
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    def _serve(self) -> None:
+        client = self.client
+        with torch.inference_mode():
+            while (item := self._queue.get()) is not None:
+                items = [item]
+                with contextlib.suppress(queue.Empty):
+                    while (item := self._queue.get_nowait()) is not None:
+                        items.append(item)
+                try:
+                    hidden = torch.cat([h for h, _ in items]).to(client.device)  # [n, hidden]
+                    ids = client.lm_head(client.norm(hidden)).float().argmax(-1)
+                    embeds = client.embed_tokens(ids[:, None]).cpu()
+                    results = list(zip(ids.tolist(), embeds.split(1), strict=True))
+                except Exception as e:  # each waiting session reports it
+                    results = [e] * len(items)
+                for (_, slot), result in zip(items, results, strict=True):
+                    slot[1] = result
+                    slot[0].set()
+                if item is None:
+                    return
 
 
-def drive(client, session, prompt, steps: int, barrier: threading.Barrier, out: dict) -> None:
+def drive(heads: Heads, session, prompt, steps: int, barrier: threading.Barrier, out: dict) -> None:
     """A session's thread: prefill, wait for every session at the barrier, then `steps` decode steps."""
     try:
         with torch.inference_mode():  # thread-local: set in every thread
-            tokens = [next_token(client, session, prompt)]
+            valid = torch.ones((1, 1), dtype=torch.bool)
+            hidden = session.step(heads.client.embed_tokens(prompt), torch.ones(prompt.shape, dtype=torch.bool))
+            token, embeds = heads.next(hidden)
+            tokens = [token]
             out["prefilled"] = time.monotonic()
             barrier.wait(timeout=600)
             stamps = [time.monotonic()]
             for _ in range(steps):
-                tokens.append(next_token(client, session, torch.tensor([[tokens[-1]]], device=prompt.device)))
+                token, embeds = heads.next(session.step(embeds, valid))
+                tokens.append(token)
                 stamps.append(time.monotonic())
         out.update(tokens=tokens, stamps=stamps)
     except BaseException as e:  # reported by the main thread
@@ -196,32 +244,36 @@ def client_worker(conn, start, model_path: Path, initial_peers: list[str], n_cli
     torch.set_num_threads(args.threads)
     prompts = torch.tensor(prompts, device=args.device)
     clients = []
+    heads = None
     try:
         for _ in range(n_clients):
             clients.append(new_client(model_path, initial_peers, args))
-            warm_up(clients[-1], prompts[:1], args)
+            heads = heads or Heads(clients[0])  # every client model here holds the same weights
+            warm_up(clients[-1], heads, prompts[:1], args)
         conn.send("ready")
         while (indices := conn.recv()) is not None:
             owners = [clients[j // per_client] for j in range(len(indices))]  # at most per_client each
-            serve_run(owners, [prompts[i : i + 1] for i in indices], start, conn, args)
+            serve_run(owners, heads, [prompts[i : i + 1] for i in indices], start, conn, args)
     except BaseException:
         start.abort()  # nobody waits for a worker that is gone
         raise
     finally:
+        if heads is not None:
+            heads.close()
         for client in clients:
             client.shutdown()
 
 
-def warm_up(client, prompt: torch.Tensor, args) -> None:
+def warm_up(client, heads: Heads, prompt: torch.Tensor, args) -> None:
     """One session of a run's length, alone: a fresh process's first steps are slow (first calls)."""
     out = {}
     with InferenceSession(client, args.prompt_tokens + args.new_tokens) as session:
-        drive(client, session, prompt, args.new_tokens - 1, threading.Barrier(1), out)  # nothing to wait for
+        drive(heads, session, prompt, args.new_tokens - 1, threading.Barrier(1), out)  # nothing to wait for
     if "error" in out:
         raise out["error"]
 
 
-def serve_run(owners: list, prompts: list[torch.Tensor], start, conn, args) -> None:
+def serve_run(owners: list, heads: Heads, prompts: list[torch.Tensor], start, conn, args) -> None:
     """A worker's share of one run, a thread per session: prefill, meet every worker's sessions at the
     cross-process barrier `start`, decode. The reply goes back with the sessions still open; they close
     when the parent says so (after it has read the peers' info)."""
@@ -237,8 +289,8 @@ def serve_run(owners: list, prompts: list[torch.Tensor], start, conn, args) -> N
     if owners:
         barrier = threading.Barrier(len(owners), action=meet)
         threads = [threading.Thread(target=drive, daemon=True, args=(
-            owner, session, prompt, args.new_tokens - 1, barrier, out))
-            for owner, session, prompt, out in zip(owners, sessions, prompts, outs, strict=True)]
+            heads, session, prompt, args.new_tokens - 1, barrier, out))
+            for session, prompt, out in zip(sessions, prompts, outs, strict=True)]
         for t in threads:
             t.start()
         for t in threads:
@@ -405,6 +457,32 @@ def kv_memory(infos: list[dict], config, expected_tokens: int, cuda: bool) -> li
     return out
 
 
+def batching(before: list[dict], after: list[dict]) -> list[dict]:
+    """Per peer, from its scheduler counters around one run: forwards run, segments (steps, or chunks of
+    a prompt) per forward (a crowd served in cohorts shows many), a forward's mean wall time, how long a
+    step stayed queued before its forward began (gathering included), and how long the peer took from
+    taking a step to writing its result (queue, forward, push to the next peer, reply), the last part
+    of which ("answer": from its output back on the event loop to the reply written); CUDA graphs
+    recorded meanwhile (a forward that records one takes that long too)."""
+    out = []
+    for b, a in zip(before, after, strict=True):
+        sb, sa = b.get("scheduler") or {}, a.get("scheduler") or {}
+        forwards, segments, steps, wait_s, busy_s = (sa.get(k, 0) - sb.get(k, 0) for k in (
+            "iterations", "segments", "steps", "wait_s", "busy_s"))
+        tb, ta = b.get("steps") or {}, a.get("steps") or {}
+        served, serve_s, answer_s = (ta.get(k, 0) - tb.get(k, 0) for k in ("served", "serve_s", "answer_s"))
+        gb, ga = b.get("cuda_graphs") or {}, a.get("cuda_graphs") or {}
+        recorded, record_ms = (ga.get(k, 0) - gb.get(k, 0) for k in ("recorded", "record_ms"))
+        out.append({"span": "{}:{}".format(*a["span"]), "forwards": forwards,
+                    "segments_per_forward": round(segments / forwards, 2) if forwards else None,
+                    "forward_ms": round(1000 * busy_s / forwards, 3) if forwards else None,
+                    "queued_ms_per_step": round(1000 * wait_s / steps, 3) if steps else None,
+                    "served_ms_per_step": round(1000 * serve_s / served, 3) if served else None,
+                    "answer_ms_per_step": round(1000 * answer_s / served, 3) if served else None,
+                    "graphs_recorded": recorded, "graph_record_ms": round(record_ms, 1)})
+    return out
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -418,12 +496,19 @@ def concurrency_runs(pool: ClientPool, per_client: int, client, peers, config, p
     def report() -> list[dict]:
         return kv_memory(peer_infos(client, peers), config, expected_tokens, cuda)
 
+    # A peer's KV pool grows to its peak use once in its life, and every growth re-records its decode
+    # graphs (tens of ms each, stalling every session): one unmeasured run at the largest C first, so
+    # that each measured C sees the steady state
+    wait_idle(client, peers)
+    concurrent_run(top, pool, per_client, args, pids)
     out = {}
     for c in args.concurrency:
         runs = []
         for _ in range(args.repeats if c == 1 else 1):
             wait_idle(client, peers)
+            before = peer_infos(client, peers)
             runs.append(concurrent_run(c, pool, per_client, args, pids, report if c == top else None))
+            runs[-1]["batching"] = batching(before, peer_infos(client, peers))
         out[c] = chosen = sorted(runs, key=lambda r: r["aggregate_tokens_s"])[len(runs) // 2]
         if len(runs) > 1:
             chosen["aggregate_tokens_s_runs"] = [r["aggregate_tokens_s"] for r in runs]
@@ -532,6 +617,8 @@ def run(args, work: Path) -> dict:
             "step_ms_p50": per_c("step_ms_p50"), "step_ms_p99": per_c("step_ms_p99"),
             "step_ms_max": per_c("step_ms_max"), "client_procs": per_c("client_procs"),
             "client_procs_cores_busy": per_c("client_procs_cores_busy"),
+            "segments_per_forward": {str(c): [p["segments_per_forward"] for p in r["batching"]]
+                                     for c, r in conc.items()},
             "tokens_equal_alone": all(r["tokens_equal_alone"] for r in conc.values()),
             "sessions_equal_local": {str(c): f"{r['sessions_equal_local']}/{c}" for c, r in conc.items()},
             "ttft_s": {k: ttft[k] for k in ("local_s", "swarm_s", "swarm_over_local")},
