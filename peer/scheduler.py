@@ -261,16 +261,14 @@ class Scheduler:
 
     def _run(self, batch: list[tuple[_Work, int]]) -> None:
         segments = [
-            Segment(w.cache, w.hidden[:, w.done : w.done + n], w.position_ids[:, w.done : w.done + n],
-                    w.valid[:, w.done : w.done + n])
+            Segment(w.cache, w.hidden, w.position_ids, w.valid) if n == w.left == w.hidden.shape[1]  # whole steps
+            else Segment(w.cache, w.hidden[:, w.done : w.done + n], w.position_ids[:, w.done : w.done + n],
+                         w.valid[:, w.done : w.done + n])
             for w, n in batch
         ]
         started = time.monotonic()
         try:
-            outs = self.model.run(segments)
-            hidden_size = outs[0].shape[-1]
-            flat = torch.cat([o.reshape(-1, hidden_size) for o in outs]).cpu() if len(outs) > 1 else outs[0].cpu()
-            flat = flat.reshape(-1, hidden_size)  # [token rows of every segment, hidden]
+            flat = self.model.run_packed(segments).cpu()  # [token rows of every segment, hidden]
         except Exception as e:  # e.g. out of device memory: these steps fail, the peer goes on
             logger.exception("batched forward of %d segments failed", len(segments))
             with self._cond:

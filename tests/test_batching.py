@@ -223,7 +223,7 @@ def test_a_lone_sessions_decode_steps_run_inline_and_a_crowd_goes_to_the_compute
     scheduler = Scheduler(model)
     scheduler.start()
     threads = []
-    real_run = model.run
+    real_run = model.run_packed
 
     def run(segments, **kwargs):
         threads.append((threading.get_ident(), len(segments)))
@@ -232,7 +232,7 @@ def test_a_lone_sessions_decode_steps_run_inline_and_a_crowd_goes_to_the_compute
     steps = [step_inputs(1, 70, 0, seed=1)] + [step_inputs(1, 1, 70 + j, seed=2 + j) for j in range(3)]
     reference = model.new_cache(1, 128)
     expected = [model(*s, reference) for s in steps]
-    monkeypatch.setattr(model, "run", run)
+    monkeypatch.setattr(model, "run_packed", run)
 
     async def main():
         me = threading.get_ident()

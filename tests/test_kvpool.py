@@ -127,3 +127,22 @@ def test_cache_reserve_takes_budget_and_pool_slots_and_free_gives_both_back():
     assert cache.slot_index().tolist() == list(range(0, 20)) + list(range(32, 52))
     cache.free()
     assert budget.used_bytes == 0 and pool.used_slots == 0
+
+
+def test_a_cache_keeps_a_validity_mask_only_once_a_slot_is_padding():
+    pool = new_pool()
+    cache = KVCache(SPAN, 2, 100, bytes_per_block_token=2 * 2 * 4 * 4, budget=KVBudget(1 << 20, 16), pool=pool)
+    cache.reserve(8)
+    cache.begin(torch.ones(2, 3, dtype=torch.bool))
+    cache.commit()
+    assert not cache.padded and cache.valid.shape == (2, 3) and bool(cache.valid.all())
+    padded = torch.tensor([[False, True], [True, True]])
+    cache.begin(padded)
+    cache.rollback()  # a failed step leaves no trace
+    assert not cache.padded and cache.valid.shape == (2, 3)
+    cache.begin(padded)
+    cache.commit()
+    cache.begin(torch.ones(2, 1, dtype=torch.bool))
+    assert cache.padded and cache.valid.tolist() == [[True] * 3 + [False, True, True], [True] * 6]
+    cache.rollback()
+    assert cache.valid.shape == (2, 5) and cache.padded

@@ -236,7 +236,7 @@ class KVCache:
         self.row_token_bytes = bytes_per_block_token * span.length  # one slot of one row, every block
         self.length = 0  # slots already committed
         self.capacity = 0  # slots allocated per row (a whole number of pages)
-        self.valid = torch.zeros(rows, 0, dtype=torch.bool)
+        self._valid: torch.Tensor | None = None  # [rows, slots] once some slot is padding; None: all valid
         self.pending = 0  # slots of the step in flight
         self.freed = False
 
@@ -288,16 +288,33 @@ class KVCache:
         if self.length + new > self.capacity:
             raise CacheFull(f"step of {new} slots at {self.length} exceeds the reserved {self.capacity}")
         self.pending = new
-        self.valid = torch.cat([self.valid[:, : self.length], new_valid.to(torch.bool).cpu()], dim=1)
+        if self._valid is not None or not bool(new_valid.all()):  # the common case keeps no mask at all
+            before = self.valid[:, : self.length]
+            self._valid = torch.cat([before, new_valid.to(torch.bool).cpu()], dim=1)
+
+    @property
+    def padded(self) -> bool:
+        """Whether some slot of the session (the step in flight included) is padding."""
+        return self._valid is not None
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """[rows, length + pending] bool: which slots hold real tokens."""
+        if self._valid is None:
+            return torch.ones(self.rows, self.length + self.pending, dtype=torch.bool)
+        return self._valid
 
     def row_starts(self) -> list[int]:
         """Pool slot of each row's slot 0."""
         return [self.region.start + row * self.capacity for row in range(self.rows)]
 
+    def slots(self) -> list[int]:
+        """Pool slots the step in flight writes, row by row."""
+        return [start + j for start in self.row_starts() for j in range(self.length, self.length + self.pending)]
+
     def slot_index(self) -> torch.Tensor:
-        """Pool slots the step in flight writes, row by row ([rows * pending] int64, on the CPU)."""
-        new = torch.arange(self.length, self.length + self.pending)
-        return (torch.tensor(self.row_starts())[:, None] + new).reshape(-1)
+        """`slots()` as a tensor ([rows * pending] int64, on the CPU)."""
+        return torch.tensor(self.slots(), dtype=torch.long)
 
     def layer(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Block `block`'s K/V up to the end of the step in flight: [rows, kv_heads, length, head_dim]
@@ -319,7 +336,9 @@ class KVCache:
     def rollback(self) -> None:
         """Forget an uncommitted step (its K/V slots are simply overwritten later)."""
         self.pending = 0
-        self.valid = self.valid[:, : self.length]
+        if self._valid is not None:
+            kept = self._valid[:, : self.length]
+            self._valid = None if bool(kept.all()) else kept
 
     # Attribute some transformers attention code reads; we never compile or offload this cache.
     is_compileable = False

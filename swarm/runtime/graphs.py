@@ -57,13 +57,14 @@ class DecodeGraphs:
         self._states: dict[tuple[int, int, int], GraphState] = {}  # (blocks start, end, bucket) -> state
         self._stream: torch.cuda.Stream | None = None  # where graphs are recorded
 
-    def run(self, segments) -> list[torch.Tensor] | None:
-        """Every segment's output through a graph (committed into the caches), or None: run it eagerly."""
+    def run(self, segments) -> torch.Tensor | None:
+        """The segments' outputs packed [rows, hidden] in their order, through a graph (committed into the
+        caches), or None: run them eagerly."""
         if self.disabled or not self.model.flash or any(s.new != 1 for s in segments):
             return None
         rows = sum(s.rows for s in segments)
         bucket = next((b for b in BUCKETS if b >= rows), None)
-        if bucket is None or not all(bool(s.valid.all()) and bool(s.cache.valid.all()) for s in segments):
+        if bucket is None or any(s.cache.padded or not bool(s.valid.all()) for s in segments):
             return None
         pool = segments[0].cache.pool
         key = (pool.span.start, pool.span.end, bucket)
@@ -91,18 +92,17 @@ class DecodeGraphs:
             raise
         for s in segments:
             s.cache.commit()
-        out = state.out[0, :rows].clone()
-        return list(out.view(rows, 1, -1).split([s.rows for s in segments]))
+        return state.out[0, :rows].clone()
 
     def _fill(self, state: GraphState, segments, rows: int, pool) -> None:
         from swarm.runtime.span import _FlashBatch
 
         model = self.model
         spare = state.rows - rows
-        hidden = torch.cat([s.hidden.reshape(-1, model.config.hidden_size) for s in segments])
-        positions = torch.cat([s.position_ids.reshape(-1) for s in segments])
+        hidden = torch.cat([s.hidden for s in segments]).view(rows, -1)  # decode steps: [rows, 1, hidden] each
+        positions = torch.cat([s.position_ids for s in segments]).view(rows)
         meta, _, _ = _FlashBatch.meta(segments, state.rows, pool.sink)
-        slots = torch.cat([s.cache.slot_index() for s in segments] + [torch.full((spare,), pool.sink)])
+        slots = torch.tensor([i for s in segments for i in s.cache.slots()] + [pool.sink] * spare)
         state.meta.copy_(meta, non_blocking=True)  # spare rows: attend to the sink slot alone, write there
         state.write_index.copy_(slots, non_blocking=True)
         state.hidden[0, :rows].copy_(hidden, non_blocking=True)

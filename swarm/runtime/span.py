@@ -93,10 +93,9 @@ class _Step:
     def of(cls, model: SpanModel, segments: list[Segment]) -> _Step:
         """The eager step of `segments` (their caches' steps begun): write slots, and the flash arguments
         when the flash path is on and no session has padding."""
-        index = [s.cache.slot_index() for s in segments]
-        write_index = (index[0] if len(index) == 1 else torch.cat(index)).to(model.device)
+        write_index = torch.tensor([i for s in segments for i in s.cache.slots()]).to(model.device)
         flash = None
-        if model.flash and all(bool(s.cache.valid.all()) for s in segments):
+        if model.flash and not any(s.cache.padded for s in segments):
             flash = _FlashBatch.of(segments, model.device)
             model.flash_forwards += 1
         return cls(model, segments[0].cache.pool, write_index, flash, segments)
@@ -250,7 +249,7 @@ class SpanModel(nn.Module):
         prompt from an empty cache, with no padding anywhere and no window cutting into the past."""
         total = cache.length + new
         no_window_effect = window is None or total <= window
-        if (new == 1 or cache.length == 0) and no_window_effect and bool(cache.valid[:, :total].all()):
+        if (new == 1 or cache.length == 0) and no_window_effect and not cache.padded:
             return None
         return self._mask(cache.valid, cache.length, new, window)
 
@@ -270,11 +269,17 @@ class SpanModel(nn.Module):
             ~allowed, torch.finfo(self.dtype).min
         )
 
-    @torch.inference_mode()
     def run(self, segments: list[Segment]) -> list[torch.Tensor]:
+        """`run_packed`, as each segment's output hidden states [rows, new, hidden_size] (views)."""
+        packed = self.run_packed(segments)
+        return [packed[s.offset : s.end].view(s.rows, s.new, -1) for s in segments]
+
+    @torch.inference_mode()
+    def run_packed(self, segments: list[Segment]) -> torch.Tensor:
         """One batched forward over every segment's blocks (all segments' caches cover the same blocks, which
         must lie in this span); commits each step into its cache, or rolls every one back on error.
-        Returns each segment's output hidden states [rows, new, hidden_size] on this model's device.
+        Returns the output hidden states of every segment's token rows, packed in segment order
+        ([sum of rows x new, hidden_size], segment s at [s.offset, s.end)) on this model's device.
         A batch of decode steps replays a CUDA graph when graphs are on (swarm.runtime.graphs)."""
         blocks = segments[0].cache.span
         if any(s.cache.span != blocks for s in segments) or not (self.span.start <= blocks.start < blocks.end <= self.span.end):
@@ -285,9 +290,9 @@ class SpanModel(nn.Module):
             s.offset, s.masks = offset, {}
             offset = s.end
         if self.graphs is not None:
-            outs = self.graphs.run(segments)
-            if outs is not None:
-                return outs
+            packed = self.graphs.run(segments)
+            if packed is not None:
+                return packed
         hidden = torch.cat([s.hidden.reshape(-1, hidden_size) for s in segments]).to(self.device, self.dtype)[None]
         position_ids = torch.cat([s.position_ids.reshape(-1) for s in segments]).to(self.device)[None]
         for s in segments:
@@ -300,7 +305,7 @@ class SpanModel(nn.Module):
             raise
         for s in segments:
             s.cache.commit()
-        return [hidden[0, s.offset : s.end].view(s.rows, s.new, hidden_size) for s in segments]
+        return hidden[0]
 
     def _layers(self, hidden: torch.Tensor, position_ids: torch.Tensor, step: _Step, blocks) -> torch.Tensor:
         """The packed tokens [1, total, hidden_size] through blocks [blocks.start, blocks.end)."""
