@@ -33,12 +33,12 @@ import contextlib
 import math
 import multiprocessing
 import os
-import queue
 import statistics
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 
@@ -155,45 +155,61 @@ class Heads:
     The load generator's stand-in for C users' own machines: here C sessions' clients share the peers'
     one GPU, and C separate 1 GB LM-head reads per round (each a CUDA context switch and a sync) would
     measure the clients' GPU contention, not the swarm's serving. Every C, C = 1 included, runs this way.
+
+    No thread of its own: the first session to arrive while no batch runs leads one, for itself and
+    everyone waiting by then, and hands the lead to the first session that came meanwhile (so a lone
+    session computes its own head, with no thread hand-off).
     """
 
     def __init__(self, client):
         self.client = client
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._serve, name="heads", daemon=True).start()
+        self._lock = threading.Lock()
+        self._waiting: list[tuple[torch.Tensor, _Slot]] = []
+        self._busy = False  # a batch is being computed
 
     def next(self, hidden: torch.Tensor) -> tuple[int, torch.Tensor]:
         """(greedy next token, its embedding [1, 1, hidden] on the CPU) after a step's output [1, new, hidden]."""
-        slot: list = [threading.Event(), None]
-        self._queue.put((hidden[:, -1], slot))
-        slot[0].wait()
-        if isinstance(slot[1], BaseException):
-            raise slot[1]
-        return slot[1]
+        slot = _Slot()
+        with self._lock:
+            self._waiting.append((hidden[:, -1], slot))
+            if not self._busy:
+                self._busy = slot.lead = True
+        if not slot.lead:
+            slot.done.wait()  # set with a result, or with the lead
+        if slot.lead:
+            with self._lock:
+                items, self._waiting = self._waiting, []
+            self._compute(items)
+            with self._lock:
+                if self._waiting:
+                    self._waiting[0][1].lead = True
+                    self._waiting[0][1].done.set()
+                else:
+                    self._busy = False
+        if isinstance(slot.result, BaseException):
+            raise slot.result
+        return slot.result
 
-    def close(self) -> None:
-        self._queue.put(None)
-
-    def _serve(self) -> None:
+    def _compute(self, items: list[tuple[torch.Tensor, _Slot]]) -> None:
         client = self.client
-        with torch.inference_mode():
-            while (item := self._queue.get()) is not None:
-                items = [item]
-                with contextlib.suppress(queue.Empty):
-                    while (item := self._queue.get_nowait()) is not None:
-                        items.append(item)
-                try:
-                    hidden = torch.cat([h for h, _ in items]).to(client.device)  # [n, hidden]
-                    ids = client.lm_head(client.norm(hidden)).float().argmax(-1)
-                    embeds = client.embed_tokens(ids[:, None]).cpu()
-                    results = list(zip(ids.tolist(), embeds.split(1), strict=True))
-                except Exception as e:  # each waiting session reports it
-                    results = [e] * len(items)
-                for (_, slot), result in zip(items, results, strict=True):
-                    slot[1] = result
-                    slot[0].set()
-                if item is None:
-                    return
+        try:
+            with torch.inference_mode():
+                hidden = torch.cat([h for h, _ in items]).to(client.device)  # [n, hidden]
+                ids = client.lm_head(client.norm(hidden)).float().argmax(-1)
+                embeds = client.embed_tokens(ids[:, None]).cpu()
+            results = list(zip(ids.tolist(), embeds.split(1), strict=True))
+        except Exception as e:  # each session of the batch reports it
+            results = [e] * len(items)
+        for (_, slot), result in zip(items, results, strict=True):
+            slot.result, slot.lead = result, False
+            slot.done.set()
+
+
+@dataclass(eq=False)
+class _Slot:
+    done: threading.Event = field(default_factory=threading.Event)
+    lead: bool = False
+    result: object = None
 
 
 def drive(heads: Heads, session, prompt, steps: int, barrier: threading.Barrier, out: dict) -> None:
@@ -258,8 +274,6 @@ def client_worker(conn, start, model_path: Path, initial_peers: list[str], n_cli
         start.abort()  # nobody waits for a worker that is gone
         raise
     finally:
-        if heads is not None:
-            heads.close()
         for client in clients:
             client.shutdown()
 
