@@ -10,10 +10,12 @@ file explains every figure. Baselines (local transformers, and C = 1) are measur
      and warmed up once; each its own client model, p2pd, event loop and GIL, as C users would be C
      machines; --client-procs 1 puts all sessions in one process), one thread per session driving
      `InferenceSession.step` (several client models in a worker when the peers' per-client session
-     limit is below its share; a worker's sessions share one batched LM head, see `Heads`): every session prefills its own random prompt, all sessions of all
-     workers wait at one cross-process barrier, then all decode N - 1 steps at once. Aggregate
-     tokens/s = C x (N - 1) / (barrier to the last session's last token; `time.monotonic` is one clock
-     for all processes); step latencies over all sessions' steps; greedy tokens of session 0
+     limit is below its share; a worker's sessions share one batched LM head, see `Heads`), after an
+     unmeasured warm-up run at the largest C: every session prefills its own random prompt, all
+     sessions of all workers wait at one cross-process barrier, then all decode N - 1 steps at once.
+     Aggregate tokens/s = C x (N - 1) / (barrier to the last session's last token; `time.monotonic` is
+     one clock for all processes); step latencies over all sessions' steps; each peer's batching and
+     timing figures around the run (`batching`); greedy tokens of session 0
      (prompt 0) against the same prompt decoded alone (the C = 1 run, one process), and of every
      session against local transformers (all prompts in one local `generate`);
   3. time to first token of a long prompt: `generate(max_new_tokens=1)`, call to return, after a warm-up

@@ -124,7 +124,7 @@ def test_cache_reserve_takes_budget_and_pool_slots_and_free_gives_both_back():
     k, v = cache.layer(4)
     assert k.shape == (2, 2, 20, 4) and k.data_ptr() == pool.keys[1][:, cache.region.start].data_ptr()
     assert v[1].data_ptr() == pool.values[1][:, cache.region.start + 32].data_ptr()  # row 1's run
-    assert cache.slot_index().tolist() == list(range(0, 20)) + list(range(32, 52))
+    assert cache.slots() == list(range(0, 20)) + list(range(32, 52))
     cache.free()
     assert budget.used_bytes == 0 and pool.used_slots == 0
 

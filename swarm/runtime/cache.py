@@ -221,7 +221,7 @@ class KVPool:
 class KVCache:
     """Keys and values of one session (`rows` sequences) on blocks `span`, in a region of `pool`.
     Mutated by `reserve`, `begin`, `commit`, `rollback`, `free` (K/V themselves are written by the
-    forward, into `pool` at `slot_index`); read by the attention through `layer()`."""
+    forward, into `pool` at `slots()`); read by the attention through `layer()`."""
 
     def __init__(self, span: Span, rows: int, max_length: int, bytes_per_block_token: int, budget: KVBudget,
                  pool: KVPool):
@@ -311,10 +311,6 @@ class KVCache:
     def slots(self) -> list[int]:
         """Pool slots the step in flight writes, row by row."""
         return [start + j for start in self.row_starts() for j in range(self.length, self.length + self.pending)]
-
-    def slot_index(self) -> torch.Tensor:
-        """`slots()` as a tensor ([rows * pending] int64, on the CPU)."""
-        return torch.tensor(self.slots(), dtype=torch.long)
 
     def layer(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Block `block`'s K/V up to the end of the step in flight: [rows, kv_heads, length, head_dim]

@@ -97,7 +97,6 @@ class DecodeGraphs:
     def _fill(self, state: GraphState, segments, rows: int, pool) -> None:
         from swarm.runtime.span import _FlashBatch
 
-        model = self.model
         spare = state.rows - rows
         hidden = torch.cat([s.hidden for s in segments]).view(rows, -1)  # decode steps: [rows, 1, hidden] each
         positions = torch.cat([s.position_ids for s in segments]).view(rows)
