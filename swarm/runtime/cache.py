@@ -173,7 +173,7 @@ class KVPool:
         if self.slots - used >= n:  # room enough, but scattered: pack the regions
             self._pack()
         else:
-            self._rebuild(max(used + n, 2 * self.slots, POOL_MIN_SLOTS))
+            self._grow(max(used + n, 2 * self.slots, POOL_MIN_SLOTS))
         return self._place(n)
 
     def _give(self, start: int, n: int) -> None:
@@ -187,24 +187,22 @@ class KVPool:
         if i > 0 and runs[i - 1][0] + runs[i - 1][1] == start:  # and the previous one
             runs[i - 1][1] += runs.pop(i)[1]
 
-    def _rebuild(self, slots: int) -> None:
-        """A new tensor of `slots` slots (and the sink) with the live regions packed at its front."""
+    def _grow(self, slots: int) -> None:
+        """A new tensor of `slots` slots (and the sink) holding the live regions, packed at its front."""
+        used = self._pack() if self.storage is not None else 0
         new = torch.zeros(self.span.length, 2, self.kv_heads, slots + 1, self.head_dim, dtype=self.dtype,
                           device=self.device)
-        at = 0
-        for region in sorted(self._live, key=lambda r: r.start):
-            new[:, :, :, at : at + region.slots].copy_(self.storage[:, :, :, region.start : region.start + region.slots])
-            region.start = at
-            at += region.slots
+        if used:
+            new[:, :, :, :used].copy_(self.storage[:, :, :, :used])
         self.storage, self.slots = new, slots
         self.keys = list(new[:, 0].unbind(0))
         self.values = list(new[:, 1].unbind(0))
-        self._free = [[at, slots - at]] if slots > at else []
+        self._free = [[used, slots - used]] if slots > used else []
         self.generation += 1
 
-    def _pack(self) -> None:
+    def _pack(self) -> int:
         """Move the live regions to the front of the same tensor, in order (a region moves toward the front
-        by less than its length at times, so each goes through a copy)."""
+        by less than its length at times, so each goes through a copy); returns the slots they fill."""
         at = 0
         for region in sorted(self._live, key=lambda r: r.start):
             if region.start != at:
@@ -213,6 +211,7 @@ class KVPool:
                 region.start = at
             at += region.slots
         self._free = [[at, self.slots - at]] if self.slots > at else []
+        return at
 
     def _zero(self, start: int, n: int) -> None:
         self.storage[:, :, :, start : start + n].zero_()
