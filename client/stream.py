@@ -20,6 +20,7 @@ from swarm.protocol import (
     INFERENCE_HANDLER,
     PROTOCOL_MINOR,
     WIRE_DTYPES,
+    all_finite,
     pack_tensor,
     push_token,
     read_message,
@@ -164,7 +165,7 @@ class SpanStream:
                 self.drain_deadline = float(require(deadline, float, "drain_deadline"))
         except ProtocolError as e:
             raise PeerError(f"malformed result: {e}", peer=self.hop.peer_id) from None
-        if out.dtype != self.dtype or out.shape != hidden.shape or not torch.isfinite(out).all():
+        if out.dtype != self.dtype or out.shape != hidden.shape or not all_finite(reply["hidden"]):
             raise PeerError(f"result of shape {list(out.shape)} (expected {list(hidden.shape)}) or not finite",
                             peer=self.hop.peer_id)
         end = position + hidden.shape[1]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from swarm.errors import PeerRefused, ProtocolError
-from swarm.protocol import check_minor, require, require_int, unpack_tensor
+from swarm.protocol import all_finite, check_minor, int_range, require, require_int, unpack_tensor
 from swarm.spans import Span
 
 
@@ -99,14 +99,15 @@ def parse_step(
         raise ProtocolError(
             f"step of {new} tokens at position {position} would overflow the session's declared length {max_length}"
         )
-    if not torch.isfinite(hidden).all():
+    if not all_finite(message["hidden"]):
         raise ProtocolError("hidden: contains NaN or infinity")
     position_ids = unpack_tensor(message.get("position_ids"), "position_ids", dtypes={"int64"}, rank=2)
     valid = unpack_tensor(message.get("valid"), "valid", dtypes={"bool"}, rank=2)
     for name, tensor in (("position_ids", position_ids), ("valid", valid)):
         if list(tensor.shape) != [batch_size, new]:
             raise ProtocolError(f"{name}: shape {list(tensor.shape)}, expected [{batch_size}, {new}]")
-    if position_ids.numel() and (position_ids.min() < 0 or position_ids.max() >= max_length):
+    low_high = int_range(message["position_ids"])
+    if low_high is not None and (low_high[0] < 0 or low_high[1] >= max_length):
         raise ProtocolError(f"position_ids: values must lie in [0, {max_length})")
     return StepRequest(step_id, claimed, hidden, position_ids, valid, parse_push(message.get("push")))
 

@@ -109,6 +109,7 @@ class Scheduler:
         self._stopped = False
         self._memory_wait = False
         self._inline_busy = False  # the event loop thread runs a step itself: the compute thread keeps off
+        self._active = 0  # sessions the last gathering wait counted as active (submit wakes it at that many)
         self._thread = threading.Thread(target=self._serve, name="scheduler", daemon=True)
 
     def start(self) -> None:
@@ -135,11 +136,15 @@ class Scheduler:
                 raise RuntimeError("the scheduler is stopped")
             lone = alone and not self._queue and not self._running and hidden.shape[0] * hidden.shape[1] <= min(
                 INLINE_MAX_TOKENS, self.max_batch_tokens) and hidden.shape[1] <= self.prefill_chunk_tokens
+            idle = not self._queue
             self._queue.append(work)
             self._last_step_s[cache] = work.enqueued_s
             batch = self._take() if lone else []
             if not batch:
-                self._cond.notify_all()
+                # wake the compute thread only where this step changes what it waits for: a gathering wait
+                # ends by itself at the quiet gap, and every wake-up costs it a GIL hand-off
+                if idle or work.left > 1 or self._memory_wait or len(self._queue) >= self._active:
+                    self._cond.notify_all()
                 return work.future
             self._inline_busy = True
             self._running = {cache}
@@ -222,8 +227,8 @@ class Scheduler:
         if left <= 0:
             return 0.0
         queued = {w.cache for w in self._queue}
-        active = sum(now - t < RECENT_S for t in self._last_step_s.values())
-        return left if len(queued) < active else 0.0
+        self._active = sum(now - t < RECENT_S for t in self._last_step_s.values())
+        return left if len(queued) < self._active else 0.0
 
     def _take(self) -> list[tuple[_Work, int]]:
         """Pick this iteration's chunks (called with the lock held): FIFO, one block range, token budget."""

@@ -276,6 +276,7 @@ class PeerServer:
             for session in self.sessions.expired():
                 logger.info("session %s of %s expired after idling", session.session_id, session.client_id)
                 self.sessions.close(session)
+                session.inbox.put_nowait(("client", TimeoutError()))  # ends its stream's handler
 
     # ------------------------------------------------------------ handlers
 
@@ -369,8 +370,7 @@ class PeerServer:
                            lambda peer: self._record_of(peer, next_block=session.blocks[1]))
         try:
             while True:
-                async with asyncio.timeout(self.config.session_idle_timeout_s):  # no task per message, unlike wait_for
-                    source, message = await session.inbox.get()
+                source, message = await session.inbox.get()  # the expiry sweep ends an idle session's wait
                 if isinstance(message, ProtocolError):  # framing broken or oversized: the stream can't be trusted
                     await self._send_fatal(reader, writer, ERROR_PROTOCOL, str(message))
                     return

@@ -36,9 +36,11 @@ import asyncio
 import hashlib
 import hmac
 import math
+import struct
 from typing import Any
 
 import msgpack
+import numpy as np
 import torch
 
 from swarm.errors import ProtocolError
@@ -145,6 +147,34 @@ def unpack_tensor(obj: Any, field: str, *, dtypes: set[str] | None = None, rank:
     if expected == 0:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+
+
+# exponent bits of each float wire dtype (little-endian words): a value is NaN or infinite iff all are set
+_EXPONENT_BITS = {"bfloat16": ("<u2", 0x7F80), "float16": ("<u2", 0x7C00), "float32": ("<u4", 0x7F800000)}
+
+
+def all_finite(obj: dict) -> bool:
+    """Whether a tensor field that `unpack_tensor` accepted holds no NaN or infinity, read from its raw
+    bytes with numpy: a few microseconds for a decode step's hidden state, against ~20 for torch.isfinite
+    on a CPU tensor, and no torch call (each one a GIL hand-off) on the peer's event loop. Integer and bool
+    fields are always finite."""
+    kind = _EXPONENT_BITS.get(obj["dtype"])
+    if kind is None or not obj["data"]:
+        return True
+    words, mask = kind
+    return int(np.bitwise_and(np.frombuffer(obj["data"], words), mask).max()) != mask
+
+
+def int_range(obj: dict) -> tuple[int, int] | None:
+    """(min, max) of an int64 tensor field that `unpack_tensor` accepted, from its bytes; None if empty."""
+    data = obj["data"]
+    if not data:
+        return None
+    if len(data) <= 64:  # a decode step's few positions: plain Python beats a numpy reduction's overhead
+        values = struct.unpack(f"<{len(data) // 8}q", data)
+        return min(values), max(values)
+    values = np.frombuffer(data, "<i8")
+    return int(values.min()), int(values.max())
 
 
 # ---------------------------------------------------------------- field helpers

@@ -34,6 +34,8 @@ from swarm.protocol import (
     INFO_HANDLER,
     PROTOCOL_MAJOR,
     PROTOCOL_MINOR,
+    all_finite,
+    int_range,
     pack_tensor,
     read_message,
     write_message,
@@ -310,6 +312,23 @@ def test_nan_and_inf_in_hidden(env):
         (bad_hidden(poisoned(float("inf"))), ("hidden", "infinity")),
         (bad_hidden(poisoned(float("-inf"))), ("hidden", "infinity")),
     ])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_finite_check_reads_raw_bytes(dtype):
+    """The peer's NaN / infinity check works on the wire bytes of every float dtype, largest finite value
+    and negative zero included; a positions check reads the range of small and large int64 fields."""
+    hidden = torch.randn(2, 3, HIDDEN).to(dtype)
+    hidden[0, 0, 0], hidden[1, 2, 3] = torch.finfo(dtype).max, -0.0
+    assert all_finite(pack_tensor(hidden)) and all_finite(pack_tensor(hidden[:, :0]))
+    for value in (float("nan"), float("inf"), float("-inf")):
+        for at in ((0, 0, 0), (1, 2, HIDDEN - 1)):
+            poisoned = hidden.clone()
+            poisoned[at] = value
+            assert not all_finite(pack_tensor(poisoned)), (value, at)
+    for ids in (torch.tensor([[7]]), torch.tensor([[3, -2, 9]]), torch.arange(-5, 3000).view(1, -1)):
+        assert int_range(pack_tensor(ids)) == (int(ids.min()), int(ids.max()))
+    assert int_range(pack_tensor(torch.zeros(1, 0, dtype=torch.long))) is None
 
 
 def test_wrong_positions(env):
