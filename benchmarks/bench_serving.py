@@ -478,8 +478,9 @@ def batching(before: list[dict], after: list[dict]) -> list[dict]:
     a prompt) per forward (a crowd served in cohorts shows many), a forward's mean wall time, how long a
     step stayed queued before its forward began (gathering included), and how long the peer took from
     taking a step to writing its result (queue, forward, push to the next peer, reply), the last part
-    of which ("answer": from its output back on the event loop to the reply written); CUDA graphs
-    recorded meanwhile (a forward that records one takes that long too)."""
+    of which ("answer": from its output back on the event loop to the reply written); steps pushed on
+    to the next peer per message (a forward's cohort travels batched); CUDA graphs recorded meanwhile (a
+    forward that records one takes that long too)."""
     out = []
     for b, a in zip(before, after, strict=True):
         sb, sa = b.get("scheduler") or {}, a.get("scheduler") or {}
@@ -487,6 +488,8 @@ def batching(before: list[dict], after: list[dict]) -> list[dict]:
             "iterations", "segments", "steps", "wait_s", "busy_s"))
         tb, ta = b.get("steps") or {}, a.get("steps") or {}
         served, serve_s, answer_s = (ta.get(k, 0) - tb.get(k, 0) for k in ("served", "serve_s", "answer_s"))
+        fb, fa = b.get("forward") or {}, a.get("forward") or {}
+        pushed, messages = (fa.get(k, 0) - fb.get(k, 0) for k in ("pushed", "push_messages"))
         gb, ga = b.get("cuda_graphs") or {}, a.get("cuda_graphs") or {}
         recorded, record_ms = (ga.get(k, 0) - gb.get(k, 0) for k in ("recorded", "record_ms"))
         out.append({"span": "{}:{}".format(*a["span"]), "forwards": forwards,
@@ -495,6 +498,7 @@ def batching(before: list[dict], after: list[dict]) -> list[dict]:
                     "queued_ms_per_step": round(1000 * wait_s / steps, 3) if steps else None,
                     "served_ms_per_step": round(1000 * serve_s / served, 3) if served else None,
                     "answer_ms_per_step": round(1000 * answer_s / served, 3) if served else None,
+                    "steps_per_push": round(pushed / messages, 2) if messages else None,
                     "graphs_recorded": recorded, "graph_record_ms": round(record_ms, 1)})
     return out
 

@@ -59,6 +59,8 @@ class SpanStream:
         # a peer that takes forwarded steps gives a key for them; older peers give none
         key = opened.get("push_key")
         self.push_key = key if isinstance(key, str) and type(self.session_id) is int else None
+        minor = opened.get("minor")
+        self.minor = minor if type(minor) is int and minor >= 0 else 1  # the peer's (older peers: 1 or less)
         self.steps = 0
         self.pushed = False  # whether the peer pushed the last step's output on to the next hop
         self.drain_deadline: float | None = None  # set when the peer says in-band that it is leaving
@@ -99,7 +101,7 @@ class SpanStream:
         if self.push_key is None:
             return None
         return {"peer": self.hop.peer_id, "session": self.session_id, "token": push_token(self.push_key, pusher, position),
-                "step": self.steps, "dtype": self.wire_dtype}
+                "step": self.steps, "dtype": self.wire_dtype, "minor": self.minor}
 
     async def step(self, hidden, position_ids, valid, position: int, push=(), fallback: bool = False) -> torch.Tensor:
         """Send one step; return the peer's output hidden states ([batch, new, hidden], our dtype).

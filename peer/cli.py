@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a new session waits for KV memory before it is refused")
     p.add_argument("--batch-wait-ms", type=float, default=d["batch_wait_ms"],
                    help="how long a decode step may wait for other active sessions' steps to share its forward; the "
-                        "wait ends early once no step came for an eighth of it (default: 20 on CUDA, 0 on CPU)")
+                        "wait ends early once no step came for an eighth of it (default: 40 on CUDA, 0 on CPU)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run batched decode steps eagerly instead of replaying CUDA graphs (CUDA only)")
     p.add_argument("--max-session-length", type=int, default=d["max_session_length_tokens"])

@@ -36,7 +36,7 @@ class PeerConfig:
     max_batch_tokens: int = 2048  # token rows per batched forward
     prefill_chunk_tokens: int = 512  # a prompt runs in chunks of at most this many tokens per forward
     # decode steps wait up to this long for the steps of the peer's other recently active sessions, so
-    # they share one forward, and stop waiting once no step came for an eighth of it (None: 20 ms on
+    # they share one forward, and stop waiting once no step came for an eighth of it (None: 40 ms on
     # CUDA, where a forward costs about the same for 1 or 64 sessions; 0 on the CPU, where it costs in
     # proportion)
     batch_wait_ms: float | None = None

@@ -35,10 +35,11 @@ class PushTarget:
     token: str  # swarm.protocol.push_token: good for this pusher and this step's position only
     step: int
     dtype: str  # the next peer's wire dtype: the pushed hidden states travel in it
+    minor: int = 1  # the next peer's protocol minor (from its "opened"): 2 or later takes batches
 
     def as_dict(self) -> dict:
         return {"peer": self.peer, "session": self.session, "token": self.token, "step": self.step,
-                "dtype": self.dtype}
+                "dtype": self.dtype, "minor": self.minor}
 
 
 @dataclass(frozen=True)
@@ -134,5 +135,6 @@ def parse_push(value) -> tuple[PushTarget, ...]:
         targets.append(PushTarget(
             peer, require_int(hop.get("session"), f"push[{i}].session", 0, 1 << 62), token,
             require_int(hop.get("step"), f"push[{i}].step", 0, 1 << 62), dtype,
+            require_int(hop.get("minor", 1), f"push[{i}].minor", 0, 1 << 16),
         ))
     return tuple(targets)

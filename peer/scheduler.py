@@ -18,7 +18,8 @@ here in the last second, the forward waits for them: until no new step has come 
 (`batch_wait_s` / QUIET_FRACTION), and at most `batch_wait_s` after the oldest step came. A steady crowd
 then moves in cohorts that share each forward; the quiet gap ends the wait when a cohort's burst of
 steps is over instead of holding it for sessions that are elsewhere in their round (another cohort, a
-slow client). 0 turns it off (the CPU's default).
+slow client). A cohort pushed here as one batch by the previous peer (peer.forward) needs no guess: its
+last step ends the wait. 0 turns gathering off (the CPU's default).
 
 Memory: before a chunk runs, its session's cache reserves the pages it needs. When the budget has no
 room the step stays queued (and `memory_waiters` tells admission to let no new session in) until a
@@ -110,6 +111,7 @@ class Scheduler:
         self._memory_wait = False
         self._inline_busy = False  # the event loop thread runs a step itself: the compute thread keeps off
         self._active = 0  # sessions the last gathering wait counted as active (submit wakes it at that many)
+        self._cohort_here = False  # a cohort's last step came (submit's cohort_end): run without gathering
         self._thread = threading.Thread(target=self._serve, name="scheduler", daemon=True)
 
     def start(self) -> None:
@@ -126,9 +128,11 @@ class Scheduler:
 
     # ---------------------------------------------------------------- event loop side
 
-    def submit(self, cache: KVCache, hidden, position_ids, valid, *, alone: bool = False) -> asyncio.Future:
+    def submit(self, cache: KVCache, hidden, position_ids, valid, *, alone: bool = False,
+               cohort_end: bool = False) -> asyncio.Future:
         """Queue one step of a session; the future gets its output [rows, new, hidden] on the CPU.
-        `alone`: no other session is open here, so a small step may run inline (see the module doc)."""
+        `alone`: no other session is open here, so a small step may run inline (see the module doc).
+        `cohort_end`: the last step of a cohort that arrived together (a pushed batch): gathering stops."""
         loop = asyncio.get_running_loop()
         work = _Work(cache, hidden, position_ids, valid, loop.create_future(), loop)
         with self._cond:
@@ -138,12 +142,13 @@ class Scheduler:
                 INLINE_MAX_TOKENS, self.max_batch_tokens) and hidden.shape[1] <= self.prefill_chunk_tokens
             idle = not self._queue
             self._queue.append(work)
+            self._cohort_here |= cohort_end
             self._last_step_s[cache] = work.enqueued_s
             batch = self._take() if lone else []
             if not batch:
                 # wake the compute thread only where this step changes what it waits for: a gathering wait
                 # ends by itself at the quiet gap, and every wake-up costs it a GIL hand-off
-                if idle or work.left > 1 or self._memory_wait or len(self._queue) >= self._active:
+                if idle or work.left > 1 or cohort_end or self._memory_wait or len(self._queue) >= self._active:
                     self._cond.notify_all()
                 return work.future
             self._inline_busy = True
@@ -219,7 +224,7 @@ class Scheduler:
 
     def _gather_delay(self) -> float:
         """How much longer the queued steps wait for others (lock held); 0: run them now."""
-        if self.batch_wait_s <= 0 or any(w.left > 1 for w in self._queue):
+        if self.batch_wait_s <= 0 or self._cohort_here or any(w.left > 1 for w in self._queue):
             return 0.0
         now = time.monotonic()
         left = min(self._queue[0].enqueued_s + self.batch_wait_s,  # the bound, from the oldest step
@@ -256,6 +261,8 @@ class Scheduler:
             if room <= 0:
                 break
         self._memory_wait = waiting_for_memory
+        if batch:
+            self._cohort_here = False
         now = time.monotonic()
         for work, _ in batch:
             if not work.started:

@@ -49,7 +49,7 @@ from peer.announcer import Announcer
 from peer.config import PeerConfig
 from peer.memory import auto_cache_bytes, check_fits, describe, fmt, free_bytes
 from peer.drain import DrainingRefusal
-from peer.forward import ForwardLink, ForwardStats
+from peer.forward import ForwardLink, ForwardStats, PushChannels
 from peer.requests import message_type, parse_open, parse_step
 from peer.scheduler import Scheduler
 from peer.sessions import Session, SessionManager
@@ -97,6 +97,7 @@ class PeerServer:
         self.direct: DirectServer | None = None  # direct TLS streams beside p2pd (swarm.direct)
         self.direct_addrs: list[str] = []
         self.dialer: DirectDialer | None = None
+        self.channels: PushChannels | None = None  # the streams this peer pushes steps on (peer.forward)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -154,6 +155,8 @@ class PeerServer:
         self.dht = await start_dht(self.p2p, settings, records.make_record_validator(self.identity))
         self.addrs = await visible_maddrs(self.p2p)
         self.dialer = DirectDialer(self.identity.private_key)
+        self.channels = PushChannels(self.p2p, self.dialer, self.config.forward_timeout_s, self._record_of,
+                                     self.forward_stats)
         if self.config.direct_port is not None:
             self.direct = DirectServer(self.identity.private_key, self.peer_id, {
                 INFERENCE_HANDLER: self._handle_inference, INFO_HANDLER: self._handle_info,
@@ -184,6 +187,8 @@ class PeerServer:
                 await asyncio.wait_for(self.announcer.announce("offline"), timeout=5)
             except (TimeoutError, OSError) as e:
                 logger.warning("could not announce offline: %s", e)
+        if self.channels is not None:
+            self.channels.close()
         if self.direct is not None:
             await self.direct.close()
         await stop_node(self.dht, self.p2p)
@@ -276,7 +281,7 @@ class PeerServer:
             for session in self.sessions.expired():
                 logger.info("session %s of %s expired after idling", session.session_id, session.client_id)
                 self.sessions.close(session)
-                session.inbox.put_nowait(("client", TimeoutError()))  # ends its stream's handler
+                session.inbox.put_nowait(("client", TimeoutError(), False))  # ends its stream's handler
 
     # ------------------------------------------------------------ handlers
 
@@ -333,7 +338,7 @@ class PeerServer:
             return None
         opened = {
             "type": "opened", "session": session.session_id, "dtype": dtype_name(self.dtype),
-            "push_key": session.push_key,
+            "push_key": session.push_key, "minor": PROTOCOL_MINOR,
         }
         try:
             await write_message(writer, opened)
@@ -359,18 +364,17 @@ class PeerServer:
             while True:
                 await ahead.acquire()
                 message = await read_message(reader, self.config.max_message_bytes)
-                session.inbox.put_nowait(("client", message))
+                session.inbox.put_nowait(("client", message, False))
         except Exception as e:
-            session.inbox.put_nowait(("client", e))
+            session.inbox.put_nowait(("client", e, False))
 
     async def _serve_steps(self, session: Session, reader, writer) -> None:
         ahead = asyncio.Semaphore(CLIENT_READ_AHEAD)
         reading = asyncio.create_task(self._read_client(session, reader, ahead))
-        link = ForwardLink(self.p2p, self.dialer, self.config.forward_timeout_s,
-                           lambda peer: self._record_of(peer, next_block=session.blocks[1]))
+        link = ForwardLink(self.channels, next_block=session.blocks[1])
         try:
             while True:
-                source, message = await session.inbox.get()  # the expiry sweep ends an idle session's wait
+                source, message, cohort_end = await session.inbox.get()  # the expiry sweep ends an idle wait
                 if isinstance(message, ProtocolError):  # framing broken or oversized: the stream can't be trusted
                     await self._send_fatal(reader, writer, ERROR_PROTOCOL, str(message))
                     return
@@ -381,14 +385,15 @@ class PeerServer:
                 else:
                     session.forwards_queued -= 1
                 session.last_used_s = time.monotonic()
-                if not await self._serve_step(session, source, message, writer, link):
+                if not await self._serve_step(session, source, message, writer, link, cohort_end):
                     return
         finally:
             reading.cancel()
-            link.close()
 
-    async def _serve_step(self, session: Session, source: str, message: dict, writer, link: ForwardLink) -> bool:
-        """Run one message of the inbox; False when the client said goodbye."""
+    async def _serve_step(self, session: Session, source: str, message: dict, writer, link: ForwardLink,
+                          cohort_end: bool = False) -> bool:
+        """Run one message of the inbox; False when the client said goodbye. `cohort_end`: the last step of a
+        pushed batch (the scheduler need not wait for more steps)."""
         try:
             kind = message_type(message)
             if kind == "close" and source == "client":
@@ -416,7 +421,7 @@ class PeerServer:
         begun = time.monotonic()
         at = session.position
         out = await self.scheduler.submit(session.cache, request.hidden, request.position_ids, request.valid,
-                                          alone=self.sessions.active == 1)
+                                          alone=self.sessions.active == 1, cohort_end=cohort_end)
         computed = time.monotonic()
         hidden = pack_tensor(out)
         if source == "forward":
@@ -452,38 +457,58 @@ class PeerServer:
         return found.get(next_block, {}).get(peer_id)
 
     async def _handle_forward(self, stream_info, reader, writer) -> None:
-        """Steps pushed by the previous peer of a route: each names a session here and shows a push token
-        made by that session's client for this pusher (the stream's authenticated peer id) and position."""
+        """Steps pushed by the previous peer of a route, alone or batched ("steps"): each names a session
+        here and shows a push token made by that session's client for this pusher (the stream's
+        authenticated peer id) and position. A malformed message or step ends the stream."""
         pusher = stream_info.peer_id.to_base58()
         try:
             while True:
                 async with asyncio.timeout(self.config.session_idle_timeout_s):
                     message = await read_message(reader, self.config.max_message_bytes)
+                batched = message.get("type") == "steps"
                 try:
-                    session = self.sessions.get(require(message.get("session"), int, "session"))
-                    token = require(message.get("token"), str, "token")
-                    position = require(message.get("position"), int, "position")
+                    steps = require(message.get("steps"), list, "steps") if batched else [message]
+                    claims = [_forward_claim(step) for step in steps]
                 except ProtocolError as e:
                     logger.info("bad forwarded step from %s: %s", pusher, e)
                     return
-                if session is None or not hmac.compare_digest(
-                    token.encode(), push_token(session.push_key, pusher, position).encode()
-                ):
-                    self.forward_stats.rejected += 1  # unknown session, or not this pusher's or position's token
-                    continue
-                if session.forwards_queued < FORWARD_BACKLOG:
-                    session.forwards_queued += 1
-                    session.inbox.put_nowait(("forward", message))
+                taken = [(session, step) for session, step in (self._accept_forward(claim, pusher) for claim in claims)
+                         if session is not None]
+                for i, (session, step) in enumerate(taken):
+                    # the last step of a batch tells the scheduler that this cohort is all here
+                    session.inbox.put_nowait(("forward", step, batched and i == len(taken) - 1))
         except (asyncio.IncompleteReadError, ConnectionError, TimeoutError, ProtocolError) as e:
             logger.debug("forward stream from %s ended: %r", pusher, e)
         finally:
             writer.close()
 
+    def _accept_forward(self, claim: tuple[int, str, int, dict], pusher: str) -> tuple[Session | None, dict]:
+        """The session a forwarded step goes to (counted in its backlog), or None: no such session, a token
+        not made for this pusher and position, or a session whose backlog of forwarded steps is full (a
+        confused or hostile pusher)."""
+        session_id, token, position, step = claim
+        session = self.sessions.get(session_id)
+        if session is None or not hmac.compare_digest(token.encode(), push_token(session.push_key, pusher, position).encode()):
+            self.forward_stats.rejected += 1
+            return None, step
+        if session.forwards_queued >= FORWARD_BACKLOG:
+            return None, step
+        session.forwards_queued += 1
+        return session, step
+
+
+def _forward_claim(step) -> tuple[int, str, int, dict]:
+    """What a forwarded step claims (session, token, position), checked for type only; the step itself is
+    decoded like any other when its session runs it."""
+    step = require(step, dict, "steps[]")
+    return (require(step.get("session"), int, "session"), require(step.get("token"), str, "token"),
+            require(step.get("position"), int, "position"), step)
+
 
 def batch_wait_s(config: PeerConfig) -> float:
     if config.batch_wait_ms is not None:
         return config.batch_wait_ms / 1000
-    return 0.02 if config.device.startswith("cuda") else 0.0
+    return 0.04 if config.device.startswith("cuda") else 0.0
 
 
 def _error_code(e: ProtocolError | PeerRefused) -> str:

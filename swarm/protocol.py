@@ -28,6 +28,12 @@ reported "pushed": false, or whose forwarded step has not come back in time, sen
 with "fallback": true; a peer drops such a step when the forwarded copy of it has already run, and
 drops a forwarded step whose position its session has passed. Results carry "step" and "position"
 (after the step), which the client checks.
+
+Batches (minor 2): "opened" carries the peer's "minor", and a client passes it on as the push
+target's "minor". A pusher sends steps to a target of minor >= 2 batched: {"type": "steps", "minor",
+"steps": [step messages as above]}, the decode steps of one forward bound for one peer in one
+message; each step in it is checked and taken or dropped exactly as if it had come alone. Steps whose
+hidden states exceed 1 MiB (prompts) still travel alone, on a stream of their own.
 """
 
 from __future__ import annotations
@@ -46,7 +52,8 @@ import torch
 from swarm.errors import ProtocolError
 
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 1  # 1: server-to-server steps (push / forward)
+PROTOCOL_MINOR = 2  # 1: server-to-server steps (push / forward); 2: forwarded steps travel in batches
+BATCH_MINOR = 2  # a peer that said this minor (or later) in "opened" takes {"type": "steps"} batches
 INFERENCE_HANDLER = f"/swarm/v{PROTOCOL_MAJOR}/inference"
 INFO_HANDLER = f"/swarm/v{PROTOCOL_MAJOR}/info"
 FORWARD_HANDLER = f"/swarm/v{PROTOCOL_MAJOR}/forward"  # peer to peer: steps pushed along the route
@@ -77,6 +84,12 @@ _ITEMSIZE = {name: dtype.itemsize for name, dtype in WIRE_DTYPES.items()}
 
 async def write_message(writer: asyncio.StreamWriter, message: dict) -> None:
     """Serialize and send one message, split into frames of at most FRAME_BYTES."""
+    write_frames(writer, message)
+    await writer.drain()
+
+
+def write_frames(writer: asyncio.StreamWriter, message: dict) -> None:
+    """`write_message` without waiting for the transport's buffer to drain (the caller drains later)."""
     payload = msgpack.packb(message, use_bin_type=True)
     view = memoryview(payload)
     offsets = range(0, max(len(view), 1), FRAME_BYTES)
@@ -86,7 +99,6 @@ async def write_message(writer: asyncio.StreamWriter, message: dict) -> None:
         # one write per frame: over TLS every write is a record of its own (and a pass through asyncio's
         # SSL layer), so the header goes with its payload
         writer.write((len(part) | more).to_bytes(_HEADER, "big") + part)
-    await writer.drain()
 
 
 async def read_message(reader: asyncio.StreamReader, max_bytes: int) -> dict:

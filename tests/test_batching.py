@@ -317,6 +317,35 @@ def test_decode_steps_gather_for_active_sessions_within_the_wait_bound(span_mode
     assert prompts_s < 0.3 and alone_s < quiet, (prompts_s, alone_s)
 
 
+def test_a_pushed_cohorts_last_step_ends_gathering(span_models):
+    """Steps that came in one batch from the previous peer (the last one marked `cohort_end`) run at once,
+    without the quiet gap the same steps would wait for a session that stepped lately but is not among them."""
+    model = span_models("llama")
+    bound = 0.4
+    quiet = bound / QUIET_FRACTION
+    scheduler = Scheduler(model, batch_wait_s=bound)
+    scheduler.start()
+
+    async def main():
+        caches = [model.new_cache(1, 64) for _ in range(3)]
+        await asyncio.gather(*(scheduler.submit(c, *step_inputs(1, 4, 0, seed=i)) for i, c in enumerate(caches)))
+        waited = []
+        for position, marked in ((4, False), (5, True)):  # two of the three sessions step
+            iterations, start = scheduler.stats.iterations, time.monotonic()
+            await asyncio.gather(scheduler.submit(caches[0], *step_inputs(1, 1, position, seed=10 + position)),
+                                 scheduler.submit(caches[1], *step_inputs(1, 1, position, seed=20 + position),
+                                                  cohort_end=marked))
+            waited.append((time.monotonic() - start, scheduler.stats.iterations - iterations))
+        return waited
+
+    try:
+        (plain_s, plain_forwards), (cohort_s, cohort_forwards) = run_async(main())
+    finally:
+        scheduler.stop()
+    assert plain_forwards == cohort_forwards == 1
+    assert plain_s >= 0.9 * quiet and cohort_s < quiet / 2, (plain_s, cohort_s)
+
+
 # ---------------------------------------------------------------- KV memory
 
 
@@ -427,6 +456,8 @@ def test_clients_at_once_get_local_tokens_in_shared_forwards(inprocess_swarm, ti
             sched, steps = server.info()["scheduler"], server.info()["steps"]
             assert steps["served"] > 0 and sched["wait_s"] >= 0, (sched, steps)
             assert 0 < sched["busy_s"] <= steps["serve_s"] and 0 < steps["answer_s"] < steps["serve_s"], (sched, steps)
+        pushes = servers[0].forward_stats  # steps that shared a forward went on to the next peer in one message
+        assert pushes.pushed >= 4 * 16 and pushes.push_failed == 0 and pushes.push_messages < pushes.pushed, pushes
     finally:
         for client in clients:
             client.shutdown()

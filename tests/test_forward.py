@@ -60,6 +60,13 @@ def counts(servers) -> list[dict]:
     return [dict(vars(s.forward_stats)) for s in servers]
 
 
+def reopen_pushes(servers) -> None:
+    """Close the peers' push streams (they are shared and kept across sessions), so that the next push
+    opens a new one, which meets the next peer's forward handler as it is now."""
+    for server in servers:
+        server.channels.close()
+
+
 def delta(before: list[dict], after: list[dict]) -> list[dict]:
     return [{k: a[k] - b[k] for k in a} for b, a in zip(before, after, strict=True)]
 
@@ -93,6 +100,7 @@ def test_next_hop_without_forwarding_falls_back_to_the_client(env):
     last = servers[2]
     swarm._run(last.p2p.remove_binary_stream_handler(FORWARD_HANDLER))
     direct_handler = last.direct.handlers.pop(FORWARD_HANDLER)  # on both paths: direct, then p2pd
+    reopen_pushes(servers)
     try:
         before = counts(servers)
         assert torch.equal(generate(model, servers), expected)
@@ -100,6 +108,7 @@ def test_next_hop_without_forwarding_falls_back_to_the_client(env):
     finally:
         swarm._run(last.p2p.add_binary_stream_handler(FORWARD_HANDLER, last._handle_forward))
         last.direct.handlers[FORWARD_HANDLER] = direct_handler
+        reopen_pushes(servers)
     assert middle["received"] == NEW_TOKENS and middle["push_failed"] == NEW_TOKENS, middle
     assert end["received"] == 0, end
 
@@ -118,6 +127,7 @@ def test_lost_pushes_fall_back_after_the_forward_wait(env, monkeypatch):
     swarm._run(middle.p2p.remove_binary_stream_handler(FORWARD_HANDLER))
     swarm._run(middle.p2p.add_binary_stream_handler(FORWARD_HANDLER, swallow))
     middle.direct.handlers[FORWARD_HANDLER] = swallow
+    reopen_pushes(servers)
     try:
         before = counts(servers)
         assert torch.equal(generate(model, servers), expected)
@@ -126,14 +136,15 @@ def test_lost_pushes_fall_back_after_the_forward_wait(env, monkeypatch):
         swarm._run(middle.p2p.remove_binary_stream_handler(FORWARD_HANDLER))
         swarm._run(middle.p2p.add_binary_stream_handler(FORWARD_HANDLER, middle._handle_forward))
         middle.direct.handlers[FORWARD_HANDLER] = middle._handle_forward
+        reopen_pushes(servers)
     assert first["pushed"] == NEW_TOKENS and mid["received"] == 0, (first, mid)
     assert last["received"] > 0, last  # the middle peer still pushes what the client sent it (a slow push: a fallback)
 
 
 def test_bad_forwarded_messages_harm_nothing(env):
-    """Sent mid-generation to the middle peer: an unknown session, a wrong token, the real pusher's token
-    from another peer, a non-ASCII token, a valid token at a position the session is not at, garbage.
-    All dropped; the peer and the session go on with the same tokens."""
+    """Sent mid-generation to the middle peer, alone and batched: an unknown session, a wrong token, the
+    real pusher's token from another peer, a non-ASCII token, a valid token at a position the session is
+    not at, garbage, malformed batches. All dropped; the peer and the session go on with the same tokens."""
     swarm, servers, expected, client = env
     model = client()
     target = servers[1]
@@ -150,16 +161,22 @@ def test_bad_forwarded_messages_harm_nothing(env):
             "hidden": pack_tensor(torch.randn(1, 1, hidden_size)),
             "position_ids": pack_tensor(torch.tensor([[at]])), "valid": pack_tensor(torch.ones(1, 1, dtype=torch.bool)),
         }
-        for fields in (
+        rejected = [
             {"session": 10**9, "token": push_token(key, me, at)},  # no such session
             {"session": sid, "token": "0" * 32},  # wrong token
             {"session": sid, "token": push_token(key, servers[0].peer_id, at)},  # the real pusher's, not ours
             {"session": sid, "token": "é" * 32},  # not even ASCII
-            {"session": sid, "token": push_token(key, me, at + 5), "position": at + 5},  # not where it is
-        ):
-            await write_message(writer, {**step, **fields})
+        ]
+        await write_message(writer, {"type": "steps", "minor": PROTOCOL_MINOR,  # the same, batched
+                                     "steps": [{**step, **fields} for fields in rejected]})
+        for fields in [*rejected, {"session": sid, "token": push_token(key, me, at + 5), "position": at + 5}]:
+            await write_message(writer, {**step, **fields})  # the last: a token made for where it is not
         writer.write(b"\x00\x00\x00\x05junk!")  # not msgpack: the stream is dropped
         await writer.drain()
+        for junk in ({"type": "steps", "steps": "not a list"}, {"type": "steps", "steps": [step, 7]}):
+            reader, writer = await transport.open_stream(target.peer_id, target.addrs, FORWARD_HANDLER, 10)
+            await write_message(writer, junk)  # a malformed batch drops the stream, and none of its steps runs
+            await writer.drain()
         await asyncio.sleep(0.3)
         writer.close()
 
@@ -167,7 +184,7 @@ def test_bad_forwarded_messages_harm_nothing(env):
     out = generate(model, servers, AtToken(3, lambda: loop.run(send_junk(), 30)))
     assert torch.equal(out, expected)
     middle = delta(before, counts(servers))[1]
-    assert middle["rejected"] == 4 and middle["duplicates"] == 1, middle  # the token made for position + 5 got in
+    assert middle["rejected"] == 8 and middle["duplicates"] == 1, middle  # the token made for position + 5 got in
 
 
 def test_push_reported_failed_but_delivered(env, monkeypatch):
