@@ -1,7 +1,7 @@
 """Timing probes for the decode benchmark: where one decode step's time goes, on both sides of each hop.
 
 Nothing here changes what the product does: the probes wrap a few module-level names (the wire codec,
-the client's `SpanStream.step`, the peer's `SpanModel.run`) with functions that call the original and note
+the client's `SpanStream.step`, the peer's `SpanModel.run_packed`) with functions that call the original and note
 `time.monotonic()` around it. On Linux that clock is CLOCK_MONOTONIC, one clock for every process of the
 machine, so a client's and a peer's timestamps can be subtracted from each other.
 
@@ -213,7 +213,7 @@ class PeerProbe:
         p.set(srv, "parse_step", self._parse(srv.parse_step))
         p.set(srv, "pack_tensor", self._pack(srv.pack_tensor))
         p.set(srv, "write_message", self._write(srv.write_message))
-        p.set(span.SpanModel, "run", self._run(span.SpanModel.run))
+        p.set(span.SpanModel, "run_packed", self._run(span.SpanModel.run_packed))
 
     def _note_unpack(self, seconds: float) -> None:
         self._last_unpack_s = seconds
@@ -250,7 +250,7 @@ class PeerProbe:
         return pack_tensor
 
     def _run(self, fn):
-        """SpanModel.run, on the scheduler's thread: the batched forward (one session here) and, on CUDA,
+        """SpanModel.run_packed, on the scheduler's thread: the batched forward (one session here) and, on CUDA,
         a synchronize so that the GPU's time lands in compute."""
         probe = self
 
