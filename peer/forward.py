@@ -44,7 +44,8 @@ class ForwardStats:
 
 
 RETRY_AFTER_S = 30.0  # after a failed push, this session pushes to that peer again only after this long
-BATCH_BYTES = 1 << 20  # pushes whose hidden states are at most this big travel batched with others (decode steps)
+BATCHED_STEP_BYTES = 64 << 10  # steps whose hidden states are at most this big travel batched (decode steps)
+BATCH_BYTES = 1 << 20  # hidden states in one batched message at most (a bigger cohort takes several)
 
 
 class ForwardLink:
@@ -65,7 +66,7 @@ class ForwardLink:
             **step, "type": "step", "minor": PROTOCOL_MINOR, "session": target.session, "token": target.token,
             "step": target.step, "push": [t.as_dict() for t in rest],
         }
-        batched = target.minor >= BATCH_MINOR and len(step["hidden"]["data"]) <= BATCH_BYTES
+        batched = target.minor >= BATCH_MINOR and len(step["hidden"]["data"]) <= BATCHED_STEP_BYTES
         if await self.channels.send(target.peer, self.next_block, message, batched):
             return True
         self._failed[target.peer] = time.monotonic() + RETRY_AFTER_S
@@ -73,8 +74,9 @@ class ForwardLink:
 
 
 class PushChannels:
-    """The streams this peer pushes steps on, one per next peer (and one more for big steps, so a prompt's
-    megabytes never hold up the decode steps behind it), shared by every session that pushes there.
+    """The streams this peer pushes steps on, one per next peer (and one more for steps above
+    BATCHED_STEP_BYTES, so a prompt's megabytes never hold up the decode steps behind it), shared by every
+    session that pushes there.
 
     Batching: the steps of one forward come back to their sessions in one turn of the event loop, and
     every session pushes before it replies, so a channel writes what its sessions handed it in that turn
@@ -170,12 +172,10 @@ class _Channel:
             if self._writer is None or self._writer.is_closing():
                 async with asyncio.timeout(self.channels.connect_timeout_s):
                     self._writer = await self.channels.open(self.peer, self.next_block)
-            if self.batched:
-                write_frames(self._writer, {"type": "steps", "minor": PROTOCOL_MINOR, "steps": messages})
-            else:
-                for message in messages:
-                    write_frames(self._writer, message)
-            self.channels.stats.push_messages += 1 if self.batched else len(messages)
+            for part in _batches(messages) if self.batched else messages:
+                write_frames(self._writer, {"type": "steps", "minor": PROTOCOL_MINOR, "steps": part}
+                             if self.batched else part)
+                self.channels.stats.push_messages += 1
             return True
         except Exception as e:  # any failure to reach the next hop: the clients send these steps instead
             logger.info("could not push %d step(s) to %s: %r", len(messages), self.peer[-6:], e)
@@ -197,3 +197,17 @@ class _Channel:
         if self._writer is not None:
             self._writer.close()
         self._writer = None
+
+
+def _batches(messages: list[dict]) -> list[list[dict]]:
+    """`messages` in order, cut into batches of at most BATCH_BYTES of hidden states each."""
+    out: list[list[dict]] = [[]]
+    size = 0
+    for message in messages:
+        step_bytes = len(message["hidden"]["data"])
+        if out[-1] and size + step_bytes > BATCH_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(message)
+        size += step_bytes
+    return out

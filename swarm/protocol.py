@@ -32,8 +32,9 @@ drops a forwarded step whose position its session has passed. Results carry "ste
 Batches (minor 2): "opened" carries the peer's "minor", and a client passes it on as the push
 target's "minor". A pusher sends steps to a target of minor >= 2 batched: {"type": "steps", "minor",
 "steps": [step messages as above]}, the decode steps of one forward bound for one peer in one
-message; each step in it is checked and taken or dropped exactly as if it had come alone. Steps whose
-hidden states exceed 1 MiB (prompts) still travel alone, on a stream of their own.
+message (up to 1 MiB of hidden states; a bigger cohort takes several); each step in it is checked
+and taken or dropped exactly as if it had come alone. Steps whose hidden states exceed 64 KiB
+(prompts) still travel alone, on a stream of their own.
 """
 
 from __future__ import annotations

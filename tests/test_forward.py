@@ -15,7 +15,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from client import ClientConfig, DistributedModelForCausalLM, loop
-from peer.forward import ForwardLink
+from peer.forward import BATCH_BYTES, ForwardLink, _batches
 from swarm.protocol import FORWARD_HANDLER, PROTOCOL_MINOR, pack_tensor, push_token, write_message
 
 MODEL_ID = "forward-llama"
@@ -69,6 +69,15 @@ def reopen_pushes(servers) -> None:
 
 def delta(before: list[dict], after: list[dict]) -> list[dict]:
     return [{k: a[k] - b[k] for k in a} for b, a in zip(before, after, strict=True)]
+
+
+def test_a_cohorts_pushes_are_cut_into_bounded_batches_in_order():
+    steps = [{"i": i, "hidden": {"data": b"x" * size}} for i, size in enumerate([300_000] * 7 + [8192] * 3)]
+    batches = _batches(steps)
+    assert [s["i"] for batch in batches for s in batch] == list(range(10))
+    assert [len(b) for b in batches] == [3, 3, 4]
+    assert all(sum(len(s["hidden"]["data"]) for s in batch) <= BATCH_BYTES for batch in batches)
+    assert _batches(steps[:1]) == [steps[:1]]
 
 
 def test_steps_travel_peer_to_peer_with_local_tokens(env):
