@@ -472,8 +472,8 @@ class PeerServer:
                 except ProtocolError as e:
                     logger.info("bad forwarded step from %s: %s", pusher, e)
                     return
-                taken = [(session, step) for session, step in (self._accept_forward(claim, pusher) for claim in claims)
-                         if session is not None]
+                taken = [(session, step) for step, claim in zip(steps, claims, strict=True)
+                         if (session := self._accept_forward(*claim, pusher)) is not None]
                 for i, (session, step) in enumerate(taken):
                     # the last step of a batch tells the scheduler that this cohort is all here
                     session.inbox.put_nowait(("forward", step, batched and i == len(taken) - 1))
@@ -482,27 +482,28 @@ class PeerServer:
         finally:
             writer.close()
 
-    def _accept_forward(self, claim: tuple[int, str, int, dict], pusher: str) -> tuple[Session | None, dict]:
+    def _accept_forward(self, session_id: int, token: str, position: int, pusher: str) -> Session | None:
         """The session a forwarded step goes to (counted in its backlog), or None: no such session, a token
         not made for this pusher and position, or a session whose backlog of forwarded steps is full (a
         confused or hostile pusher)."""
-        session_id, token, position, step = claim
         session = self.sessions.get(session_id)
-        if session is None or not hmac.compare_digest(token.encode(), push_token(session.push_key, pusher, position).encode()):
+        if session is None or not hmac.compare_digest(
+            token.encode(), push_token(session.push_key, pusher, position).encode()
+        ):
             self.forward_stats.rejected += 1
-            return None, step
+            return None
         if session.forwards_queued >= FORWARD_BACKLOG:
-            return None, step
+            return None
         session.forwards_queued += 1
-        return session, step
+        return session
 
 
-def _forward_claim(step) -> tuple[int, str, int, dict]:
+def _forward_claim(step) -> tuple[int, str, int]:
     """What a forwarded step claims (session, token, position), checked for type only; the step itself is
     decoded like any other when its session runs it."""
     step = require(step, dict, "steps[]")
     return (require(step.get("session"), int, "session"), require(step.get("token"), str, "token"),
-            require(step.get("position"), int, "position"), step)
+            require(step.get("position"), int, "position"))
 
 
 def batch_wait_s(config: PeerConfig) -> float:

@@ -36,8 +36,9 @@ class Session:
     cache: KVCache
     last_used_s: float = field(default_factory=time.monotonic)
     # server-to-server steps: the key a previous peer must show to push steps here (told to the client
-    # in "opened"), the steps waiting to run (("client" | "forward", message or exception, whether it ends
-    # a pushed batch)), and the position of the last step that ran from a forwarded copy (its client fallback copy is dropped)
+    # in "opened"), the steps waiting to run (("client" | "forward", message or exception, whether it
+    # ends a pushed batch)), and the position of the last step that ran from a forwarded copy (its
+    # client fallback copy is dropped)
     push_key: str = field(default_factory=lambda: secrets.token_hex(16))
     inbox: asyncio.Queue = field(default_factory=asyncio.Queue)
     forwarded_at: int | None = None
