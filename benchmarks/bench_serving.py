@@ -483,15 +483,11 @@ def batching(before: list[dict], after: list[dict]) -> list[dict]:
     forward that records one takes that long too)."""
     out = []
     for b, a in zip(before, after, strict=True):
-        sb, sa = b.get("scheduler") or {}, a.get("scheduler") or {}
-        forwards, segments, steps, wait_s, busy_s = (sa.get(k, 0) - sb.get(k, 0) for k in (
-            "iterations", "segments", "steps", "wait_s", "busy_s"))
-        tb, ta = b.get("steps") or {}, a.get("steps") or {}
-        served, serve_s, answer_s = (ta.get(k, 0) - tb.get(k, 0) for k in ("served", "serve_s", "answer_s"))
-        fb, fa = b.get("forward") or {}, a.get("forward") or {}
-        pushed, messages = (fa.get(k, 0) - fb.get(k, 0) for k in ("pushed", "push_messages"))
-        gb, ga = b.get("cuda_graphs") or {}, a.get("cuda_graphs") or {}
-        recorded, record_ms = (ga.get(k, 0) - gb.get(k, 0) for k in ("recorded", "record_ms"))
+        forwards, segments, steps, wait_s, busy_s = _grew(b, a, "scheduler", "iterations", "segments", "steps",
+                                                          "wait_s", "busy_s")
+        served, serve_s, answer_s = _grew(b, a, "steps", "served", "serve_s", "answer_s")
+        pushed, messages = _grew(b, a, "forward", "pushed", "push_messages")
+        recorded, record_ms = _grew(b, a, "cuda_graphs", "recorded", "record_ms")
         out.append({"span": "{}:{}".format(*a["span"]), "forwards": forwards,
                     "segments_per_forward": round(segments / forwards, 2) if forwards else None,
                     "forward_ms": round(1000 * busy_s / forwards, 3) if forwards else None,
@@ -501,6 +497,12 @@ def batching(before: list[dict], after: list[dict]) -> list[dict]:
                     "steps_per_push": round(pushed / messages, 2) if messages else None,
                     "graphs_recorded": recorded, "graph_record_ms": round(record_ms, 1)})
     return out
+
+
+def _grew(before: dict, after: dict, section: str, *keys: str) -> list:
+    """How much counters `keys` of one `info` section grew (a section a peer lacks counts as zeros)."""
+    old, new = before.get(section) or {}, after.get(section) or {}
+    return [new.get(k, 0) - old.get(k, 0) for k in keys]
 
 
 # ---------------------------------------------------------------- main
