@@ -12,10 +12,14 @@ publish under another peer's id), that the value is a well-formed record, and th
 model_id/block hash to the DHT key it is stored under. Honest nodes refuse anything else on store and
 drop it on read; `fetch_*` decode again and drop (never trust) whatever still fails.
 
-Wire form of a record: a flat msgpack map {"v": 1, "kind": "block" | "model", <field>: <value>, ...}.
-Unknown fields are ignored (newer minor additions). A larger "v" is refused: bump it only for changes
-old readers must not misread (hivemind rejects a whole key's dictionary when one entry fails
-validation, so such a change also needs new keys). Types are strict (bool is not int, str is not
+Wire form of a record: a flat msgpack map {"v": 1, "minor": 2, "kind": "block" | "model", <field>: <value>,
+...}. "v" is the schema's major version, "minor" (absent = 0) its additions. Unknown fields are ignored,
+so a newer minor decodes here to the fields this software knows and an older one decodes with the
+defaults of the fields it lacks (every field added after v1.0 is optional on the wire). A larger "v" is
+refused (VersionMismatch, "upgrade swarm"): bump it only for changes old readers must not misread
+(hivemind rejects a whole key's dictionary when one entry fails validation, so such a change also needs
+new keys). Minor history: 1.0 the first schema; 1.2 adds `rtt_ms` and the destination of a peer that
+drains to move (`next_start`, `next_end`), and `network_mbps` carries a measured figure. Types are strict (bool is not int, str is not
 bytes, a list is an array); the one widening is int -> float for float fields, since msgpack writers
 may encode 100.0 as 100. NaN and infinities are refused. Every check raises ProtocolError naming the
 field; local construction runs the same checks.
@@ -49,7 +53,8 @@ from swarm.spans import Span, check_model_id
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # major: a reader refuses a larger one
+SCHEMA_MINOR = 2  # additions within the major: optional fields, ignored by older readers
 MODELS_KEY = "swarm.models"
 MAX_RECORD_BYTES = 16 * 1024  # a full block record is < 5 KiB (16 addrs x 256 chars)
 MAX_SUBKEY_BYTES = 2048  # model id + peer id + a 4096-bit OpenSSH key
@@ -185,7 +190,7 @@ class _Record:
 
     def to_wire(self) -> dict[str, Any]:
         """The msgpack-ready map: plain str/int/float/list/None only (hivemind packs with strict_types)."""
-        wire: dict[str, Any] = {"v": SCHEMA_VERSION, "kind": self.KIND}
+        wire: dict[str, Any] = {"v": SCHEMA_VERSION, "minor": SCHEMA_MINOR, "kind": self.KIND}
         for name in self._CHECKS:
             value = getattr(self, name)
             if isinstance(value, StrEnum):
@@ -220,6 +225,9 @@ def _check_envelope(obj: object, kinds: Sequence[str]) -> tuple[dict[Any, Any], 
         )
     if version < 1:
         raise ProtocolError(f"record: field 'v' must be >= 1, got {version}")
+    minor = obj.get("minor", 0)
+    if type(minor) is not int or not 0 <= minor <= 65535:
+        raise ProtocolError(f"record: field 'minor' (schema minor version) must be an int in [0, 65535], got {minor!r:.40}")
     kind = obj.get("kind")
     if type(kind) is not str or kind not in kinds:
         raise ProtocolError(f"record: field 'kind' must be {' or '.join(map(repr, kinds))}, got {kind!r:.40}")
@@ -242,7 +250,7 @@ class BlockRecord(_Record):
     dtype: str  # torch dtype name of the served weights, e.g. "bfloat16"
     block_hash: str  # lowercase hex digest of this block's tensors as loaded
     compute_tokens_s: float  # measured forward throughput of the span
-    network_mbps: float  # measured network bandwidth, megabits per second
+    network_mbps: float  # measured network bandwidth to the peers it talks to, megabits per second; 0 = not measured
     cache_tokens_left: int
     quant: str = "none"
     active_sessions: int = 0
@@ -252,6 +260,10 @@ class BlockRecord(_Record):
     addrs: tuple[str, ...] = ()  # multiaddrs the peer can be dialed at
     direct: tuple[str, ...] = ()  # /ip4|ip6/HOST/tcp/PORT of its direct TLS streams (swarm.direct); optional
     drain_deadline: float | None = None  # unix time (s) the peer leaves; required while draining
+    # since schema 1.2 (absent from older records)
+    rtt_ms: float | None = None  # median round trip to the peers it talks to, milliseconds; None = not measured
+    next_start: int | None = None  # while draining to move (rebalancing): the span it will serve next
+    next_end: int | None = None
 
     _CHECKS: ClassVar[dict[str, Any]] = {
         "model_id": _model_id,
@@ -274,8 +286,13 @@ class BlockRecord(_Record):
         "addrs": _addrs,
         "direct": _addrs,
         "drain_deadline": _optional(_float(1.0, 1e11)),
+        "rtt_ms": _optional(_float(0.0, 1e7)),
+        "next_start": _optional(_int(0, _MAX_BLOCK - 1)),
+        "next_end": _optional(_int(1, _MAX_BLOCK)),
     }
-    _OPTIONAL_ON_WIRE: ClassVar[frozenset[str]] = frozenset({"direct", "drain_deadline"})
+    _OPTIONAL_ON_WIRE: ClassVar[frozenset[str]] = frozenset(
+        {"direct", "drain_deadline", "rtt_ms", "next_start", "next_end"}
+    )
 
     def _check_fields_together(self) -> None:
         if self.start >= self.end:
@@ -284,10 +301,22 @@ class BlockRecord(_Record):
             raise _fail(self.KIND, "block", f"{self.block} lies outside the span [{self.start}, {self.end})")
         if self.state == BlockState.DRAINING and self.drain_deadline is None:
             raise _fail(self.KIND, "drain_deadline", "is required while the state is 'draining'")
+        if (self.next_start is None) != (self.next_end is None):
+            raise _fail(self.KIND, "next_start", "and 'next_end' come together or not at all")
+        if self.next_start is not None:
+            if self.next_start >= self.next_end:
+                raise _fail(self.KIND, "next_start", f"must be < next_end, got [{self.next_start}, {self.next_end})")
+            if self.state != BlockState.DRAINING:
+                raise _fail(self.KIND, "next_start", "is only announced while the state is 'draining'")
 
     @property
     def span(self) -> Span:
         return Span(self.start, self.end)
+
+    @property
+    def next_span(self) -> Span | None:
+        """Where a peer that drains to move goes next (None: it leaves, or it is not draining)."""
+        return None if self.next_start is None else Span(self.next_start, self.next_end)
 
 
 @dataclass(frozen=True)
