@@ -31,7 +31,8 @@ class PeerConfig:
     cache_tokens: int = 65536  # KV budget, counted in cached tokens x rows over the whole span
     cache_bytes: int | str | None = None  # KV budget in bytes (overrides cache_tokens); "auto" = most of free memory
     page_tokens: int = 16  # KV memory is handed out in pages of this many token slots per row
-    admission_timeout_s: float = 10.0  # a new session waits this long for KV memory, then is refused
+    admission_timeout_s: float = 10.0  # a new session waits this long for KV memory, then is refused (and a
+    # step this long for device memory, then fails its session: the client moves it)
     # continuous batching (peer.scheduler)
     max_batch_tokens: int = 2048  # token rows per batched forward
     prefill_chunk_tokens: int = 512  # a prompt runs in chunks of at most this many tokens per forward

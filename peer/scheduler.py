@@ -21,9 +21,12 @@ steps is over instead of holding it for sessions that are elsewhere in their rou
 slow client). A cohort pushed here as one batch by the previous peer (peer.forward) needs no guess: its
 last step ends the wait. 0 turns gathering off (the CPU's default).
 
-Memory: before a chunk runs, its session's cache reserves the pages it needs. When the budget has no
-room the step stays queued (and `memory_waiters` tells admission to let no new session in) until a
-session closes; nothing running is evicted.
+Memory: before a chunk runs, its session's cache reserves the pages it needs. Admission (peer.sessions)
+keeps every open session's worst case within the budget, so the budget always has room; what can still
+fail is the device itself (an allocation beyond what it holds). Such a step stays queued (and
+`memory_waiters` tells admission to let no new session in) until pages are freed, at most
+`max_memory_wait_s`: then it fails with CacheFull, which its session's handler reports to the client
+(who moves the session elsewhere). Nothing running is evicted, and no step waits without bound.
 
 Threads: `submit`, `release` and the properties run on the event loop thread; forwards and cache
 mutations on the compute thread, except one case: the step of a session the caller says is alone on
@@ -96,8 +99,9 @@ class SchedulerStats:
 
 class Scheduler:
     def __init__(self, model: SpanModel, *, max_batch_tokens: int = 2048, prefill_chunk_tokens: int = 512,
-                 batch_wait_s: float = 0.0):
+                 batch_wait_s: float = 0.0, max_memory_wait_s: float = 30.0):
         self.model = model
+        self.max_memory_wait_s = max_memory_wait_s
         self.max_batch_tokens = max_batch_tokens
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.batch_wait_s = batch_wait_s
@@ -241,6 +245,7 @@ class Scheduler:
         room = self.max_batch_tokens
         blocks = None
         waiting_for_memory = False
+        expired: list[tuple[_Work, CacheFull]] = []  # steps that waited for pages longer than the bound
         for work in self._queue:
             if blocks is not None and work.cache.span != blocks:
                 continue
@@ -252,8 +257,11 @@ class Scheduler:
                     continue
             try:
                 work.cache.reserve(work.cache.length + chunk)
-            except CacheFull:
-                waiting_for_memory = True
+            except CacheFull as e:
+                if time.monotonic() - work.enqueued_s > self.max_memory_wait_s:
+                    expired.append((work, e))
+                else:
+                    waiting_for_memory = True
                 continue
             batch.append((work, chunk))
             blocks = work.cache.span
@@ -261,6 +269,9 @@ class Scheduler:
             if room <= 0:
                 break
         self._memory_wait = waiting_for_memory
+        for work, error in expired:
+            self._queue.remove(work)
+            _resolve(work, error=CacheFull(f"no KV pages for {self.max_memory_wait_s:g} s: {error}"))
         if batch:
             self._cohort_here = False
         now = time.monotonic()

@@ -41,7 +41,7 @@ from swarm.protocol import (
     require,
     write_message,
 )
-from swarm.runtime import KVBudget, SpanModel, load_span
+from swarm.runtime import CacheFull, KVBudget, SpanModel, load_span
 from swarm.runtime.loading import dtype_name, load_config, parse_dtype, span_memory
 from swarm.spans import check_model_id, default_model_id
 
@@ -128,6 +128,7 @@ class PeerServer:
         self.scheduler = Scheduler(
             self.span_model, max_batch_tokens=self.config.max_batch_tokens,
             prefill_chunk_tokens=self.config.prefill_chunk_tokens, batch_wait_s=batch_wait_s(self.config),
+            max_memory_wait_s=self.config.admission_timeout_s,
         )
         self.sessions = SessionManager(
             self.config, self.budget, self.span_model.bytes_per_block_token * self.span.length,  # as caches count
@@ -281,7 +282,7 @@ class PeerServer:
             for session in self.sessions.expired():
                 logger.info("session %s of %s expired after idling", session.session_id, session.client_id)
                 self.sessions.close(session)
-                session.inbox.put_nowait(("client", TimeoutError(), False))  # ends its stream's handler
+                session.end(TimeoutError(f"session idle for over {self.config.session_idle_timeout_s:g} s"))
 
     # ------------------------------------------------------------ handlers
 
@@ -365,8 +366,10 @@ class PeerServer:
                 await ahead.acquire()
                 message = await read_message(reader, self.config.max_message_bytes)
                 session.inbox.put_nowait(("client", message, False))
-        except Exception as e:
+        except ProtocolError as e:  # answered (fatally) once the steps ahead of it ran
             session.inbox.put_nowait(("client", e, False))
+        except Exception as e:  # the client is gone: stop at once, even mid-step (the step is dropped)
+            session.end(e)
 
     async def _serve_steps(self, session: Session, reader, writer) -> None:
         ahead = asyncio.Semaphore(CLIENT_READ_AHEAD)
@@ -385,15 +388,16 @@ class PeerServer:
                 else:
                     session.forwards_queued -= 1
                 session.last_used_s = time.monotonic()
-                if not await self._serve_step(session, source, message, writer, link, cohort_end):
+                if not await self._serve_step(session, source, message, reader, writer, link, cohort_end):
                     return
         finally:
             reading.cancel()
 
-    async def _serve_step(self, session: Session, source: str, message: dict, writer, link: ForwardLink,
+    async def _serve_step(self, session: Session, source: str, message: dict, reader, writer, link: ForwardLink,
                           cohort_end: bool = False) -> bool:
-        """Run one message of the inbox; False when the client said goodbye. `cohort_end`: the last step of a
-        pushed batch (the scheduler need not wait for more steps)."""
+        """Run one message of the inbox; False when the session ends (the client said goodbye, or the device
+        had no memory for the step). `cohort_end`: the last step of a pushed batch (the scheduler need not
+        wait for more steps)."""
         try:
             kind = message_type(message)
             if kind == "close" and source == "client":
@@ -403,7 +407,9 @@ class PeerServer:
             if source == "forward" and message.get("position") != session.position:
                 self.forward_stats.duplicates += 1  # the client's own copy ran first (or the pusher is confused)
                 return True
-            if source == "client" and message.get("fallback") is True and message.get("position") == session.forwarded_at:
+            if source == "client" and require(message.get("fallback", False), bool, "fallback") and require(
+                message.get("position"), int, "position"
+            ) == session.forwarded_at:
                 self.forward_stats.duplicates += 1  # the forwarded copy ran already, and its result went out
                 return True
             request = parse_step(
@@ -420,8 +426,12 @@ class PeerServer:
             return True
         begun = time.monotonic()
         at = session.position
-        out = await self.scheduler.submit(session.cache, request.hidden, request.position_ids, request.valid,
-                                          alone=self.sessions.active == 1, cohort_end=cohort_end)
+        try:
+            out = await self._run_step(session, request, cohort_end)
+        except CacheFull as e:  # pages the device could not give within the bound: the client reroutes
+            await self._send_fatal(reader, writer, ERROR_REFUSED, f"out of KV memory on this peer's device ({e}); "
+                                   "the session was closed, go on on another peer")
+            return False
         computed = time.monotonic()
         hidden = pack_tensor(out)
         if source == "forward":
@@ -448,6 +458,21 @@ class PeerServer:
         self.serve_s += done - begun
         self.answer_s += done - computed
         return True
+
+    async def _run_step(self, session: Session, request, cohort_end: bool):
+        """The step's output from the scheduler; raises the session's end reason (its client left, or it
+        expired) as soon as it comes, even while the step waits or runs."""
+        session.stepping = self.scheduler.submit(session.cache, request.hidden, request.position_ids,
+                                                 request.valid, alone=self.sessions.active == 1,
+                                                 cohort_end=cohort_end)
+        try:
+            return await session.stepping
+        except asyncio.CancelledError:
+            if session.ended is not None and not asyncio.current_task().cancelling():
+                raise session.ended from None
+            raise
+        finally:
+            session.stepping = None
 
     async def _record_of(self, peer_id: str, next_block: int) -> records.BlockRecord | None:
         """Peer `peer_id`'s own record of `next_block` (None if it has none): where it can be dialed."""

@@ -1,12 +1,21 @@
 """SessionManager: inference sessions on this peer, and admission to the KV budget they draw from.
 
-A session reserves nothing for its worst case: its cache takes pages from the budget as it grows
-(peer.scheduler, swarm.runtime.cache). Admission: a new session is let in when the budget can give it
-its first page per row while keeping one page per row of every open session for their growth, and no
-running step is waiting for pages; otherwise `open` waits up to `admission_timeout_s` for memory to be
-freed, then refuses with PeerRefused naming the budget. Never evicts a running session to make room.
-Every session is released exactly once (close on stream end, crash of the stream, or idle expiry).
-`wait_empty()` lets a draining peer wait for its last session; open/close run on the event loop thread.
+Admission cannot deadlock: a session is let in only when the budget can serve the growth of every
+open session up to what each may still use, its own included. A session declares `max_length` at open
+and the peer holds it to that (peer.requests), so a session of `rows` rows can never hold more than
+`KVCache.max_nbytes` (its max_length in whole pages, per row); admission keeps the sum of that over the
+open sessions (`committed_bytes`) within the budget. Pages are still taken only as a session grows
+(peer.scheduler, swarm.runtime.cache), so memory holds what is cached, not the worst case; the worst case
+is what admission counts. Why not overcommit and preempt: on a swarm short of memory a preempted session
+has nowhere to go, and it would fail mid-generation; counting the worst case turns that into a refusal
+up front, where the client picks another peer (the declared length of `generate` is prompt +
+max_new_tokens, so the count is tight).
+
+A session whose worst case exceeds the whole budget is refused at once; one that fits a budget others
+have committed waits up to `admission_timeout_s` for sessions to close, then is refused with PeerRefused
+naming the budget. Never evicts a running session. Every session is released exactly once (close on
+stream end, crash of the stream, or idle expiry). `wait_empty()` lets a draining peer wait for its last
+session; open/close run on the event loop thread.
 """
 
 from __future__ import annotations
@@ -43,10 +52,21 @@ class Session:
     inbox: asyncio.Queue = field(default_factory=asyncio.Queue)
     forwarded_at: int | None = None
     forwards_queued: int = 0  # forwarded steps in the inbox (bounded; client messages are bounded apart)
+    stepping: asyncio.Future | None = None  # the scheduler's future of the step running now, if any
+    ended: BaseException | None = None  # why the session must stop (its client left, or it idled too long)
 
     @property
     def position(self) -> int:
         return self.cache.length
+
+    def end(self, reason: BaseException) -> None:
+        """Stop this session's handler at once: its next inbox read, or the step it waits on, raises
+        `reason` (the handler then closes the session, which drops its queued steps)."""
+        if self.ended is None:
+            self.ended = reason
+            self.inbox.put_nowait(("client", reason, False))
+            if self.stepping is not None:
+                self.stepping.cancel()
 
 
 class SessionManager:
@@ -71,9 +91,14 @@ class SessionManager:
         self._empty.set()
 
     @property
+    def committed_bytes(self) -> int:
+        """KV bytes the open sessions may still come to hold (each one's max_nbytes), summed."""
+        return sum(s.cache.max_nbytes for s in self._sessions.values())
+
+    @property
     def cache_tokens_left(self) -> int:
-        """Token slots (one row, whole span) the budget can still hand out."""
-        return max(0, self.budget.free_bytes) // self.span_token_bytes
+        """Token slots (one row, whole span) a new session could still be admitted with."""
+        return max(0, self.budget.total_bytes - self.committed_bytes) // self.span_token_bytes
 
     @property
     def active(self) -> int:
@@ -84,12 +109,9 @@ class SessionManager:
         """Token slots in use (rows x length), over all sessions."""
         return sum(s.cache.tokens for s in self._sessions.values())
 
-    def _page_bytes(self, rows: int, blocks: tuple[int, int]) -> int:
-        return rows * self.budget.page_tokens * self.span_token_bytes * (blocks[1] - blocks[0]) // self.config.span.length
-
-    def admissible(self, rows: int, blocks: tuple[int, int]) -> bool:
-        growth = sum(self._page_bytes(s.batch_size, s.blocks) for s in self._sessions.values())
-        return not self._memory_waiters() and self._page_bytes(rows, blocks) + growth <= self.budget.free_bytes
+    def admissible(self, cache: KVCache) -> bool:
+        """Whether the budget can serve `cache` growing to its worst case beside every open session's."""
+        return not self._memory_waiters() and self.committed_bytes + cache.max_nbytes <= self.budget.total_bytes
 
     def check_limits(self, client_id: str, batch_size: int, max_length: int) -> None:
         c = self.config
@@ -105,17 +127,24 @@ class SessionManager:
     async def open(self, client_id: str, blocks: tuple[int, int], batch_size: int, max_length: int) -> Session:
         """Admit a session (waiting up to admission_timeout_s for KV memory) or raise PeerRefused."""
         self.check_limits(client_id, batch_size, max_length)
+        cache = self._new_cache(batch_size, max_length, blocks)  # holds no memory until it grows
+        if cache.max_nbytes > self.budget.total_bytes:
+            raise PeerRefused(
+                f"a session of {max_length} tokens x {batch_size} rows on blocks {blocks[0]}:{blocks[1]} may need "
+                f"{cache.max_nbytes} KV bytes, more than this peer's whole budget of {self.budget.total_bytes}; "
+                "shorten the session or use a peer with more memory"
+            )
         deadline = time.monotonic() + self.config.admission_timeout_s
-        while not self.admissible(batch_size, blocks):
+        while not self.admissible(cache):
             if time.monotonic() >= deadline:
                 raise PeerRefused(
-                    f"cache full: {self.budget.used_bytes} of {self.budget.total_bytes} KV bytes are in use by "
-                    f"{self.active} sessions (waited {self.config.admission_timeout_s:g} s); try another peer"
+                    f"cache full: {self.committed_bytes} of {self.budget.total_bytes} KV bytes are committed to "
+                    f"{self.active} sessions, {cache.max_nbytes} more needed (waited "
+                    f"{self.config.admission_timeout_s:g} s); try another peer"
                 )
             await asyncio.sleep(ADMISSION_POLL_S)
         self.check_limits(client_id, batch_size, max_length)  # others may have opened while we waited
-        session = Session(next(self._ids), client_id, blocks, batch_size, max_length,
-                          self._new_cache(batch_size, max_length, blocks))
+        session = Session(next(self._ids), client_id, blocks, batch_size, max_length, cache)
         self._sessions[session.session_id] = session
         self._empty.clear()
         return session

@@ -592,3 +592,59 @@ def test_dropped_streams_release_everything(env):
             env.raw.run(run(server))
 
     around_healthy_session(env, bad)
+
+
+# ---------------------------------------------------------------- fallback copies, and leaving mid-step
+
+
+def test_fallback_steps_with_bad_positions_get_answers(env):
+    """A "fallback" step (the client's own copy of a pushed one) is checked like any step: a missing, null or
+    non-int position, or a non-bool "fallback", gets an error reply instead of being dropped as a duplicate of
+    a forwarded step that never ran (None == None once made it silent)."""
+    with_bad_steps(env, [
+        ({**bad_step(fallback=True), "position": None}, ("position", "expected int")),
+        ({k: v for k, v in bad_step(fallback=True).items() if k != "position"}, ("position", "expected int")),
+        (bad_step(fallback=True, position=True), ("position", "expected int")),
+        (bad_step(fallback=True, position="1"), ("position", "expected int")),
+        (bad_step(fallback="yes"), ("fallback", "expected bool")),
+        (bad_step(fallback=True, position=AT + 3), ("position 4", f"holds {AT} tokens")),
+    ])
+
+
+def test_leaving_mid_step_frees_the_session_at_once(env):
+    """A client that closes its stream while its step waits on the scheduler (here: behind a forward that
+    takes long) is noticed at once: the session and its budget are freed before the forward ends."""
+    server = env.servers[0]
+    release = threading.Event()
+    real = server.span_model.run_packed
+    slow = {"armed": False}
+
+    def run_packed(segments):
+        if slow["armed"]:
+            slow["armed"] = False
+            release.wait(30)  # the raw session's forward stalls until the test lets it go
+        return real(segments)
+
+    async def leave_mid_step():
+        baseline = server.sessions.active
+        async with env.raw.stream(server) as (reader, writer):
+            await open_session(reader, writer, server)
+            slow["armed"] = True  # the next forward is this step's (the healthy session waits its turn)
+            await write_message(writer, step_message(0, tokens=3))
+            deadline = time.monotonic() + 10
+            while not server.scheduler._running:
+                assert time.monotonic() < deadline, "the step never reached the forward"
+                await asyncio.sleep(0.01)
+        started = time.monotonic()  # the stream is closed; the forward is still stalled
+        while server.sessions.active != baseline:
+            assert time.monotonic() - started < 3, "the session outlived its stream"
+            await asyncio.sleep(0.01)
+        assert not release.is_set()
+        release.set()
+
+    server.span_model.run_packed = run_packed
+    try:
+        around_healthy_session(env, lambda: env.raw.run(leave_mid_step()))
+    finally:
+        release.set()
+        server.span_model.run_packed = real

@@ -26,7 +26,7 @@ from peer.config import PeerConfig
 from peer.scheduler import QUIET_FRACTION, Scheduler
 from peer.sessions import SessionManager
 from swarm.errors import PeerRefused
-from swarm.runtime import KVBudget, SpanModel, load_span
+from swarm.runtime import CacheFull, KVBudget, SpanModel, load_span
 from swarm.runtime.span import Segment
 from swarm.spans import Span
 
@@ -398,27 +398,67 @@ def test_growth_waits_for_memory_and_evicts_nobody(span_models):
     assert not scheduler.memory_waiters
 
 
-def test_admission_waits_then_refuses_or_admits(span_models):
+def test_a_step_waits_for_pages_at_most_the_bound(span_models):
+    """Pages that never come (a device short of memory): the step fails with CacheFull after
+    max_memory_wait_s instead of waiting for ever, and the scheduler goes on serving others."""
+    model = span_models("llama")
+    page = 16
+    budget = KVBudget(page * model.bytes_per_block_token * 3, page_tokens=page)
+    scheduler = Scheduler(model, max_memory_wait_s=0.3)
+    scheduler.start()
+
+    async def main():
+        holder, starved = model.new_cache(1, 64, budget), model.new_cache(1, 64, budget)
+        await scheduler.submit(holder, *step_inputs(1, page, 0, seed=1))  # the whole budget
+        started = time.monotonic()
+        with pytest.raises(CacheFull, match="no KV pages for 0.3 s"):
+            await scheduler.submit(starved, *step_inputs(1, 1, 0, seed=2))
+        waited = time.monotonic() - started
+        assert not scheduler.memory_waiters
+        scheduler.release(holder)
+        out = await scheduler.submit(starved, *step_inputs(1, 1, 0, seed=2))  # room again: it runs
+        return waited, out
+
+    try:
+        waited, out = run_async(main())
+    finally:
+        scheduler.stop()
+    assert 0.3 <= waited < 5 and out.shape == (1, 1, model.config.hidden_size)
+
+
+def test_admission_counts_each_sessions_worst_case(span_models):
+    """A budget of 4 pages: a session declaring 2 pages' length is admitted while the committed worst cases
+    fit (not what is cached now), a third waits and is refused, a later one gets in once one closes, and
+    one that could never fit is refused at once."""
     model = span_models("llama")
     page = 16
     per_token = model.bytes_per_block_token * 3
-    budget = KVBudget(2 * page * per_token, page_tokens=page)
+    budget = KVBudget(4 * page * per_token, page_tokens=page)
     config = PeerConfig(model_path="unused", span=Span(1, 4), admission_timeout_s=0.3)
 
     async def main():
         manager = SessionManager(config, budget, per_token, lambda r, n, b: model.new_cache(r, n, budget, b),
                                  release=lambda cache: cache.free())
-        first = await manager.open("a", (1, 4), 1, 64)
-        first.cache.reserve(2 * page)  # the whole budget
-        with pytest.raises(PeerRefused, match=r"cache full: .* in use by 1 sessions \(waited 0.3 s\)"):
-            await manager.open("b", (1, 4), 1, 64)
-        later = asyncio.create_task(manager.open("b", (1, 4), 1, 64))
+        first = await manager.open("a", (1, 4), 1, 2 * page)
+        second = await manager.open("b", (1, 4), 1, 2 * page - 5)  # rounds up to whole pages
+        assert budget.used_bytes == 0 and manager.cache_tokens_left == 0  # nothing cached, all committed
+        with pytest.raises(PeerRefused, match=r"cache full: .* committed to 2 sessions.*\(waited 0.3 s\)"):
+            await manager.open("c", (1, 4), 1, 1)
+        started = time.monotonic()
+        with pytest.raises(PeerRefused, match="more than this peer's whole budget"):
+            await manager.open("c", (1, 4), 2, 2 * page + 1)  # 2 rows x 3 pages: never fits
+        assert time.monotonic() - started < 0.2  # refused up front, without waiting
+        later = asyncio.create_task(manager.open("c", (1, 4), 1, page))
         await asyncio.sleep(0.1)
+        assert not later.done()
         manager.close(first)
-        second = await later
-        assert manager.active == 1 and second.cache.length == 0
+        third = await later
+        assert manager.active == 2 and manager.cache_tokens_left == page
+        for session in (second, third):  # each grows to its declared length: the budget has room
+            session.cache.reserve(session.max_length)
         manager.close(second)
-        assert budget.used_bytes == 0 and manager.cache_tokens_left == 2 * page
+        manager.close(third)
+        assert budget.used_bytes == 0 and manager.cache_tokens_left == 4 * page
 
     run_async(main())
 

@@ -6,7 +6,8 @@ range: for each block, keys and values as [kv_heads, slots, head_dim] views of o
 every session on those blocks. A session's `KVCache` owns one contiguous `Region` of the pool's slots:
 `rows` runs of `capacity` slots each (row r at region.start + r * capacity). Its capacity is a whole
 number of pages (`page_tokens` slots per row), taken from the budget as the session grows and all given
-back on `free()`; nothing is reserved for the session's worst case.
+back on `free()`; nothing is allocated for the session's worst case
+(`max_nbytes`, which admission counts: peer.sessions).
 
 Because every session's K/V lie in one tensor per block, a batched step writes the new K/V of all its
 sessions with one `index_copy_` per block, and on CUDA one varlen flash-attention call per block reads
@@ -247,6 +248,18 @@ class KVCache:
         return self.capacity * self.rows * self.row_token_bytes
 
     @property
+    def max_capacity(self) -> int:
+        """Slots per row this cache can ever hold while its steps stay within max_length: `reserve` never
+        goes past it for an `end` <= max_length (whole pages; at least one)."""
+        page = self.budget.page_tokens
+        return max(math.ceil(self.max_length / page), 1) * page
+
+    @property
+    def max_nbytes(self) -> int:
+        """The most `nbytes` can reach (admission counts it: peer.sessions)."""
+        return self.max_capacity * self.rows * self.row_token_bytes
+
+    @property
     def tokens(self) -> int:
         """Token slots in use (rows x committed length)."""
         return self.rows * self.length
@@ -260,8 +273,7 @@ class KVCache:
             raise CacheFull("the session's cache was freed")
         page = self.budget.page_tokens
         want = max(end, self.capacity + self.capacity // GROWTH_FRACTION)
-        capacity = min(math.ceil(want / page) * page, max(math.ceil(self.max_length / page) * page, page))
-        capacity = max(capacity, end)
+        capacity = max(min(math.ceil(want / page) * page, self.max_capacity), end)
         extra = (capacity - self.capacity) * self.rows * self.row_token_bytes
         if not self.budget.take(extra):
             raise CacheFull(f"{extra} bytes for {capacity - self.capacity} more slots x {self.rows} rows")
