@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 import time
 
@@ -461,6 +462,53 @@ def test_admission_counts_each_sessions_worst_case(span_models):
         assert budget.used_bytes == 0 and manager.cache_tokens_left == 4 * page
 
     run_async(main())
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_any_mix_of_sessions_against_any_budget_never_waits_for_memory(span_models, seed):
+    """Random budgets and random crowds (rows, declared lengths, step sizes, close order), all admitted
+    sessions stepping at once up to their declared length: every step is served without ever waiting for
+    pages (the budget can always serve what admission let in), the rest are refused at open, and the
+    budget is whole again after."""
+    model = span_models("llama")
+    rng = random.Random(seed)
+    page = rng.choice([4, 16, 64])
+    per_token = model.bytes_per_block_token * 3
+    budget = KVBudget(rng.randint(1, 24) * page * per_token, page_tokens=page)
+    config = PeerConfig(model_path="unused", span=Span(1, 4), admission_timeout_s=0.0, page_tokens=page)
+    scheduler = Scheduler(model, max_batch_tokens=rng.choice([8, 64, 2048]), prefill_chunk_tokens=rng.choice([4, 32]))
+    scheduler.start()
+    waited_for_memory = []
+    crowd = [(rng.choice([1, 1, 2, 3]), rng.randint(1, 6 * page)) for _ in range(rng.randint(2, 10))]
+
+    async def drive(manager, rows, length):
+        try:
+            session = await manager.open(f"c{rng.random()}", (1, 4), rows, length)
+        except PeerRefused:
+            return "refused"
+        at = 0
+        while at < length:
+            new = min(length - at, rng.choice([1, 1, 1, 3, 17]))
+            step = scheduler.submit(session.cache, *step_inputs(rows, new, at, seed=at))
+            waited_for_memory.append(scheduler.memory_waiters)
+            await asyncio.wait_for(step, 30)
+            at += new
+        manager.close(session)
+        return "done"
+
+    async def main():
+        manager = SessionManager(config, budget, per_token, lambda r, n, b: model.new_cache(r, n, budget, b),
+                                 release=scheduler.release, memory_waiters=lambda: scheduler.memory_waiters)
+        return await asyncio.gather(*(drive(manager, rows, length) for rows, length in crowd))
+
+    try:
+        ended = run_async(main())
+    finally:
+        scheduler.stop()
+    rows, length = crowd[0]  # the first opened on an empty peer: admitted if its worst case fits at all
+    if rows * max(-(-length // page), 1) * page * per_token <= budget.total_bytes:
+        assert ended[0] == "done", (ended, crowd)
+    assert not any(waited_for_memory) and budget.used_bytes == 0
 
 
 # ---------------------------------------------------------------- end to end
