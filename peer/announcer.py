@@ -1,4 +1,5 @@
-"""Announcer: keeps this peer's DHT records fresh (state, span, load, cache left).
+"""Announcer: keeps this peer's DHT records fresh (state, span, load, cache left, measured throughput and
+network figures, and while draining to move, the span it moves to).
 
 Mutates nothing but the DHT. `announce(state)` stores one record per served block plus the model index
 entry; `run()` repeats it every `announce_period_s` with records that expire after `record_ttl_s`, so a
@@ -19,6 +20,11 @@ from swarm.runtime.loading import config_hash, dtype_name
 
 logger = logging.getLogger(__name__)
 
+# A joining peer announces its span before loading it (so that peers starting together see each other's
+# choice): its blocks' hashes are not known yet. Clients never route to joining peers; the record of an
+# online peer always carries the hashes of the tensors it loaded.
+UNLOADED_HASH = "00" * 16
+
 
 class Announcer:
     def __init__(self, server):
@@ -26,24 +32,33 @@ class Announcer:
 
     def _block_template(self, state: str) -> records.BlockRecord:
         s = self.server
+        loaded = s.span_model is not None and s.span_model.span == s.span
+        draining = state == "draining"
+        next_span = getattr(s, "next_span", None) if draining else None
+        network = getattr(s, "network", None)
         return records.BlockRecord(
             model_id=s.model_id, block=s.span.start, state=records.BlockState(state),
             start=s.span.start, end=s.span.end, software_version=swarm.__version__, protocol=PROTOCOL_MAJOR,
-            dtype=dtype_name(s.dtype), block_hash=s.span_model.block_hashes[0],
-            compute_tokens_s=s.compute_tokens_s, network_mbps=0.0,
-            cache_tokens_left=max(0, s.sessions.cache_tokens_left), active_sessions=s.sessions.active,
-            queued_tokens=s.scheduler.queued_tokens,
+            dtype=dtype_name(s.dtype), block_hash=UNLOADED_HASH,
+            compute_tokens_s=s.compute_tokens_s, network_mbps=network.mbps if network else 0.0,
+            rtt_ms=network.rtt_ms if network else None,
+            cache_tokens_left=max(0, s.sessions.cache_tokens_left) if loaded else 0,
+            active_sessions=s.sessions.active if loaded else 0,
+            queued_tokens=s.scheduler.queued_tokens if loaded else 0,
             public_name=s.config.public_name, addrs=tuple(s.addrs[: records.MAX_ADDRS]),
             direct=tuple(s.direct_addrs[: records.MAX_ADDRS]),
-            drain_deadline=s.drain_deadline if state == "draining" else None,
+            drain_deadline=s.drain_deadline if draining else None,
+            next_start=next_span.start if next_span else None, next_end=next_span.end if next_span else None,
         )
 
     async def announce(self, state: str) -> None:
         s = self.server
         template = self._block_template(state)
         ttl = s.config.record_ttl_s
+        loaded = s.span_model is not None and s.span_model.span == s.span
         per_block = [
-            dataclasses.replace(template, block=block, block_hash=s.span_model.block_hashes[i])
+            dataclasses.replace(template, block=block,
+                                block_hash=s.span_model.block_hashes[i] if loaded else UNLOADED_HASH)
             for i, block in enumerate(range(s.span.start, s.span.end))
         ]
         stored = await records.announce_records(s.dht, s.identity, per_block, ttl)

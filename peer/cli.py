@@ -1,5 +1,9 @@
 """`swarm peer`: serve a span of a model's blocks to the swarm.
 
+Without --blocks the peer chooses its span from the DHT (peer.placement): as many blocks as its memory
+allows, where the swarm is weakest, announced `joining` before it loads; later it moves when that
+raises the swarm's minimum coverage by more than --rebalance-margin (draining first, as on SIGTERM).
+
 Prints one line starting with `ready` (peer id, model id, blocks, multiaddrs) once it serves and is
 announced. Leaving (peer.drain): Ctrl-C / SIGINT announces `offline` and exits at once; SIGTERM, a file
 at --drain-notice-file or a notice at --drain-notice-url starts draining (a `draining: ...` line): no
@@ -17,7 +21,7 @@ import re
 import signal
 import sys
 
-from swarm.errors import SwarmError
+from swarm.errors import ConfigError, SwarmError
 from swarm.spans import Span
 
 from peer.config import PeerConfig
@@ -29,7 +33,28 @@ def build_parser() -> argparse.ArgumentParser:
     d = _DEFAULTS
     p = argparse.ArgumentParser(prog="swarm peer", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="checkpoint folder (config.json + safetensors)")
-    p.add_argument("--blocks", required=True, help="span to serve, START:END (END exclusive), e.g. 0:16")
+    p.add_argument("--blocks", help="span to serve, START:END (END exclusive), e.g. 0:16; default: chosen from the "
+                                    "DHT where the swarm is weakest, as many blocks as memory allows, and moved "
+                                    "later when that helps the swarm (--rebalance-period-s)")
+    p.add_argument("--num-blocks", type=int, help="without --blocks: serve this many blocks (default: as many as fit)")
+    p.add_argument("--memory", dest="memory_bytes", type=parse_size, metavar="SIZE",
+                   help="without --blocks: memory for weights, KV cache and activations when choosing how many "
+                        "blocks to serve (e.g. 8GiB; default: what the device has free)")
+    p.add_argument("--join-jitter-s", type=float, default=d["join_jitter_s"],
+                   help="after announcing its choice, wait a random [J/2, J] s and choose again, so peers started "
+                        "together do not all take the same blocks")
+    p.add_argument("--rebalance-period-s", type=float, default=d["rebalance_period_s"],
+                   help="without --blocks: how often to check whether moving to other blocks helps the swarm (0 = never)")
+    p.add_argument("--rebalance-margin", type=float, default=d["rebalance_margin"],
+                   help="move only when the swarm's minimum coverage rises by more than this fraction (0.2 = 20%%)")
+    p.add_argument("--rebalance-delay-s", type=float, default=d["rebalance_delay_s"],
+                   help="random wait, up to this, between deciding to move and checking again before moving")
+    p.add_argument("--throughput-cache", metavar="FILE",
+                   help="where the measured compute throughput is cached (default: $SWARM_CACHE_DIR/throughput.json "
+                        "or ~/.cache/swarm/throughput.json)")
+    p.add_argument("--remeasure-throughput", action="store_true", help="measure the throughput even if it is cached")
+    p.add_argument("--network-probe-period-s", type=float, default=d["network_probe_period_s"],
+                   help="how often to measure round trip and bandwidth to the neighbouring peers (0 = never)")
     p.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of a bootstrap node or any peer")
     p.add_argument("--host", default=d["host"], help="address to listen on (0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, default=d["port"], help="libp2p TCP port (0 = any free port)")
@@ -92,7 +117,8 @@ def parse_size(text: str) -> int | str:
 
 def config_from_args(args: argparse.Namespace) -> PeerConfig:
     return PeerConfig(
-        model_path=args.model, span=Span.parse(args.blocks), initial_peers=tuple(args.initial_peers),
+        model_path=args.model, span=Span.parse(args.blocks) if args.blocks else None,
+        initial_peers=tuple(args.initial_peers),
         host=args.host, port=args.port, direct_port=args.direct_port, announce_maddrs=tuple(args.announce_maddrs), identity_path=args.identity,
         model_id=args.model_id, public_name=args.public_name, health_url=args.health_url, device=args.device, dtype=args.dtype,
         cache_tokens=args.cache_tokens, cache_bytes=args.cache_bytes,
@@ -103,14 +129,25 @@ def config_from_args(args: argparse.Namespace) -> PeerConfig:
         max_tokens_per_step=args.max_tokens_per_step, num_threads=args.num_threads, progress=True,
         drain_grace_s=args.drain_grace_s, drain_notice_file=args.drain_notice_file,
         drain_notice_url=args.drain_notice_url, drain_notice_url_period_s=args.drain_notice_url_period_s,
+        num_blocks=args.num_blocks, memory_bytes=_bytes(args.memory_bytes, "--memory"),
+        join_jitter_s=args.join_jitter_s,
+        rebalance_period_s=args.rebalance_period_s, rebalance_margin=args.rebalance_margin,
+        rebalance_delay_s=args.rebalance_delay_s, throughput_cache=args.throughput_cache,
+        remeasure_throughput=args.remeasure_throughput, network_probe_period_s=args.network_probe_period_s,
     )
+
+
+def _bytes(size: int | str | None, flag: str) -> int | None:
+    if size == "auto":
+        raise ConfigError(f"{flag} takes a size like 8GiB, not 'auto' (leave it out for what the device has free)")
+    return size
 
 
 def status_line(server, config: PeerConfig) -> str:
     """The one-line status a volunteer sees once the peer is online."""
     link = f"; health page: {config.health_url.rstrip('/')}/#peer-{server.peer_id}" if config.health_url else ""
     return (
-        f"online: serving blocks {config.span} of {server.model_id} on {config.device} "
+        f"online: serving blocks {server.span} of {server.model_id} on {config.device} "
         f"({server.compute_tokens_s:.0f} tokens/s per block, {server.sessions.cache_tokens_left} cache slots){link}"
     )
 
@@ -127,7 +164,7 @@ async def serve(config: PeerConfig) -> None:
     try:
         await server.start()
         print(
-            f"ready peer_id={server.peer_id} model={server.model_id} blocks={config.span} "
+            f"ready peer_id={server.peer_id} model={server.model_id} blocks={server.span} "
             f"addrs={','.join(server.addrs)} direct={','.join(server.direct_addrs) or 'off'}",
             flush=True,
         )
@@ -136,10 +173,23 @@ async def serve(config: PeerConfig) -> None:
             from peer.reachability import check
 
             print(await check(config.health_url, server.peer_id, server.addrs), flush=True)
-        reason = await drain.run()
+        reason = await _until_leave(drain, server)
         print(f"leaving ({reason}): announcing offline", flush=True)
     finally:
         await server.shutdown()
+
+
+async def _until_leave(drain, server) -> str:
+    """Why the peer leaves: the drain controller's answer, or a failed move (server.fatal)."""
+    draining = asyncio.ensure_future(drain.run())
+    failed = asyncio.ensure_future(server.fatal.wait())
+    try:
+        await asyncio.wait([draining, failed], return_when=asyncio.FIRST_COMPLETED)
+        return draining.result() if draining.done() else "a move to other blocks failed"
+    finally:
+        for task in (draining, failed):
+            task.cancel()
+        await asyncio.gather(draining, failed, return_exceptions=True)
 
 
 def main(argv: list[str]) -> int:

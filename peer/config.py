@@ -12,7 +12,7 @@ from swarm.spans import Span
 @dataclass(frozen=True)
 class PeerConfig:
     model_path: str
-    span: Span
+    span: Span | None = None  # None: chosen from the DHT on start (peer.placement)
     initial_peers: tuple[str, ...] = ()
     host: str = "127.0.0.1"
     port: int = 0
@@ -61,6 +61,17 @@ class PeerConfig:
     drain_notice_file_period_s: float = 1.0
     drain_notice_url_period_s: float = 5.0
     drain_notice_url_timeout_s: float = 2.0
+    # block selection and rebalancing (peer.placement, peer.rebalance), used only when no span is given
+    num_blocks: int | None = None  # how many blocks to take; None = as many as memory_bytes allows
+    memory_bytes: int | None = None  # memory for weights + KV cache + activations; None = what the device has free
+    join_jitter_s: float = 2.0  # after announcing its first choice, a random wait in [jitter/2, jitter] then a re-read
+    rebalance_period_s: float = 120.0  # how often to check whether moving helps the swarm; 0 = never move
+    rebalance_margin: float = 0.2  # move only if the minimum coverage rises by more than this fraction
+    rebalance_delay_s: float = 10.0  # a random wait in [0, this] between deciding to move and the re-check
+    # throughput (peer.throughput) and network figures (peer.network)
+    throughput_cache: str | None = None  # JSON file; None = $SWARM_CACHE_DIR or ~/.cache/swarm/throughput.json
+    remeasure_throughput: bool = False  # measure again even when the cache has a figure
+    network_probe_period_s: float = 30.0  # how often to ping the peers next to this one; 0 = never
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -78,6 +89,7 @@ class PeerConfig:
         for name in ("drain_notice_file_period_s", "drain_notice_url_period_s", "drain_notice_url_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        self._check_placement()
         if self.drain_notice_url is not None:
             url = urlsplit(self.drain_notice_url)
             if url.scheme not in ("http", "https") or not url.netloc:
@@ -85,6 +97,24 @@ class PeerConfig:
                     f"drain notice URL {self.drain_notice_url!r} is not an http(s) URL; "
                     "e.g. http://169.254.169.254/latest/meta-data/spot/instance-action"
                 )
+
+    def _check_placement(self) -> None:
+        if self.span is not None and self.num_blocks is not None:
+            raise ConfigError("give --blocks (a span) or --num-blocks (a size chosen where the swarm needs it), not both")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ConfigError(f"--num-blocks must be >= 1, got {self.num_blocks}")
+        if self.memory_bytes is not None and self.memory_bytes < 1:
+            raise ConfigError(f"memory budget must be >= 1 byte, got {self.memory_bytes}")
+        if not 0 <= self.join_jitter_s <= 600:
+            raise ConfigError(f"join jitter {self.join_jitter_s} s is outside [0, 600]")
+        if not (self.rebalance_period_s == 0 or 1 <= self.rebalance_period_s <= 7 * 24 * 3600):
+            raise ConfigError(f"rebalance period {self.rebalance_period_s} s: use 0 (off) or [1, 604800]")
+        if not 0 <= self.rebalance_margin <= 100:
+            raise ConfigError(f"rebalance margin {self.rebalance_margin} is outside [0, 100] (0.2 = 20%)")
+        if not 0 <= self.rebalance_delay_s <= 3600:
+            raise ConfigError(f"rebalance delay {self.rebalance_delay_s} s is outside [0, 3600]")
+        if not 0 <= self.network_probe_period_s <= 24 * 3600:
+            raise ConfigError(f"network probe period {self.network_probe_period_s} s is outside [0, 86400]")
 
     @property
     def limits(self) -> dict:

@@ -1,5 +1,6 @@
-"""Memory planning for a span, before anything is loaded: what it will take, what is free, and advice
-when it does not fit. Pure except `free_bytes`, which reads the machine."""
+"""Memory planning for a span, before anything is loaded: what it will take, what is free, how many blocks
+fit when no span is given, and advice when it does not fit. Pure except `free_bytes`, which reads the
+machine, and `block_weight_bytes`, which reads checkpoint headers."""
 
 from __future__ import annotations
 
@@ -51,11 +52,44 @@ def check_fits(memory: SpanMemory, span: Span, cache_bytes: int, device: str, fr
     )
 
 
+def block_weight_bytes(model_path: str, dtype: torch.dtype) -> list[int]:
+    """Each block's weights in `dtype`, from the checkpoint's headers (no tensor is read)."""
+    from swarm.runtime.checkpoint import CheckpointReader, block_of_key
+    from swarm.runtime.loading import load_config
+
+    num_blocks = load_config(model_path).num_hidden_layers
+    reader = CheckpointReader(model_path)
+    by_block: dict[int, list[str]] = {}
+    for key in reader.keys(lambda k: block_of_key(k) is not None):
+        by_block.setdefault(block_of_key(key), []).append(key)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return [reader.numel(by_block.get(block, [])) * itemsize for block in range(num_blocks)]
+
+
+def blocks_that_fit(budget_bytes: int, block_weights: list[int], kv_bytes_per_block: int, fixed_bytes: int) -> int:
+    """How many blocks a peer takes when no span is given: the largest k such that
+    (the k heaviest blocks' weights + k x `kv_bytes_per_block` + `fixed_bytes`) x HEADROOM fits
+    `budget_bytes`. The heaviest blocks, because the start is chosen later (mixture-of-experts models mix
+    dense and sparse blocks). `kv_bytes_per_block`: the KV reserve that grows with the span (a budget in
+    tokens); `fixed_bytes`: what does not (a budget in bytes, activations). 0 = not even one block fits."""
+    heaviest = sorted(block_weights, reverse=True)
+    need = fixed_bytes
+    for k, weights in enumerate(heaviest, start=1):
+        need += weights + kv_bytes_per_block
+        if need * HEADROOM > budget_bytes:
+            return k - 1
+    return len(heaviest)
+
+
+def activation_bytes(config, max_batch_tokens: int) -> int:
+    """Room for one batched forward's activations: a generous 32 x hidden_size x 4 bytes per token row."""
+    return 32 * config.hidden_size * 4 * max_batch_tokens
+
+
 def auto_cache_bytes(free: int, config, max_batch_tokens: int) -> int:
     """KV budget when told "auto": 90% of the free memory after loading, less room for one batched
     forward's activations (a generous 32 x hidden_size x 4 bytes per token row)."""
-    activations = 32 * config.hidden_size * 4 * max_batch_tokens
-    return max(0, int((free - activations) * 0.9))
+    return max(0, int((free - activation_bytes(config, max_batch_tokens)) * 0.9))
 
 
 def fmt(n: float) -> str:
@@ -63,3 +97,33 @@ def fmt(n: float) -> str:
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{int(n)} B"
+
+
+def blocks_to_take(config, model_config, dtype: torch.dtype) -> tuple[int, str]:
+    """How many blocks a peer with no --blocks serves, and a line saying why: --num-blocks if given,
+    else as many as fit the memory budget (--memory, else what the device has free) by `blocks_that_fit`,
+    with a KV reserve of --cache-bytes, or --cache-tokens slots per block (also for "auto"), and room for
+    one batched forward's activations. Raises ConfigError if not even one block fits."""
+    from swarm.runtime.loading import span_memory
+
+    num_blocks = model_config.num_hidden_layers
+    if config.num_blocks is not None:
+        if config.num_blocks > num_blocks:
+            raise ConfigError(f"--num-blocks {config.num_blocks}: the model has only {num_blocks} blocks")
+        return config.num_blocks, f"{config.num_blocks} blocks (--num-blocks)"
+    weights = block_weight_bytes(config.model_path, dtype)
+    fixed = activation_bytes(model_config, config.max_batch_tokens)
+    if isinstance(config.cache_bytes, int):
+        kv_per_block, fixed = 0, fixed + config.cache_bytes
+    else:
+        kv_per_block = span_memory(config.model_path, Span(0, 1), dtype).kv_bytes(config.cache_tokens)
+    budget = config.memory_bytes or free_bytes(config.device)
+    k = blocks_that_fit(budget, weights, kv_per_block, fixed)
+    if k == 0:
+        raise ConfigError(
+            f"not enough memory for even one block: {fmt(max(weights))} of weights + {fmt(kv_per_block + fixed)} "
+            f"of KV cache and activations in a budget of {fmt(budget)}; lower --cache-tokens / --cache-bytes, "
+            "use --dtype bfloat16 or a bigger device"
+        )
+    return k, (f"{k} of {num_blocks} blocks fit {fmt(budget)} (up to {fmt(max(weights))} of weights and "
+               f"{fmt(kv_per_block)} of KV cache per block, {fmt(fixed)} fixed)")

@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import math
+import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -42,12 +44,16 @@ from swarm.protocol import (
     write_message,
 )
 from swarm.runtime import CacheFull, KVBudget, SpanModel, load_span
-from swarm.runtime.loading import dtype_name, load_config, parse_dtype, span_memory
-from swarm.spans import check_model_id, default_model_id
+from swarm.runtime.loading import config_hash, dtype_name, load_config, parse_dtype, span_memory
+from swarm.spans import Span, check_model_id, default_model_id
 
 from peer.announcer import Announcer
 from peer.config import PeerConfig
-from peer.memory import auto_cache_bytes, check_fits, describe, fmt, free_bytes
+from peer.memory import auto_cache_bytes, blocks_to_take, check_fits, describe, fmt, free_bytes
+from peer.network import NetworkStats, run_probes
+from peer.placement import SwarmSnapshot, snapshot_of
+from peer.rebalance import PeerPosition, Rebalancer, place_on_join, typical_tokens_s
+from peer.throughput import ThroughputCache, measure_span, throughput_key
 from peer.drain import DrainingRefusal
 from peer.forward import ForwardLink, ForwardStats, PushChannels
 from peer.requests import message_type, parse_open, parse_step
@@ -58,6 +64,7 @@ logger = logging.getLogger(__name__)
 
 FORWARD_BACKLOG = 8  # forwarded steps a session holds before it drops more (a confused or hostile pusher)
 CLIENT_READ_AHEAD = 2  # client messages read before the steps ahead of them ran (memory is bounded)
+SNAPSHOT_TIMEOUT_S = 10.0  # reading the model's block records for placement, announcing a move
 FATAL_LINGER_S = 2.0  # after a fatal error, how long a client may take to read it and close
 
 
@@ -85,7 +92,14 @@ class PeerServer:
         self.dht = None
         self.announcer: Announcer | None = None
         self.identity: Identity | None = None
-        self.compute_tokens_s = 1.0
+        self.compute_tokens_s: float | None = None  # per block (peer.throughput); None until known
+        self.throughput_cache = ThroughputCache(config.throughput_cache)
+        self.network = NetworkStats()  # round trips and bandwidth to neighbours (peer.network), announced
+        self.next_span: Span | None = None  # while draining to move: where to (announced; peer.rebalance)
+        self.leaving = False  # told to leave (begin_drain) or failed to move: no move goes on
+        self.fatal = asyncio.Event()  # set when the peer cannot go on serving (a move failed)
+        self.rebalancer: Rebalancer | None = None
+        self._rng = random.Random()
         self.drain_deadline: float | None = None  # unix time this peer leaves; set once draining starts
         self.forward_stats = ForwardStats()
         self.steps_served = 0  # steps run and answered
@@ -102,44 +116,99 @@ class PeerServer:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Load the span, join the network, serve, announce online. Returns when ready."""
-        loop = asyncio.get_running_loop()
+        """Join the network, choose the span if none was given (announced `joining` before it loads; see
+        peer.rebalance), load it, serve, announce online. Returns when ready."""
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
-        memory = span_memory(self.config.model_path, self.span, self.dtype)
+        if self.span is not None:
+            self._plan_memory(self.span)  # a given span that cannot fit fails before anything starts
+        await self._join_network()
+        chosen = self.span is None
+        if chosen:
+            self.span = await self._choose_span()
+        await self._load(self.span)
+        await self._serve()
+        if not chosen:
+            await self.announcer.announce("joining")
+        self.state = "online"
+        await self.announcer.announce("online")
+        self._tasks = [
+            asyncio.create_task(self.announcer.run(), name="announcer"),
+            asyncio.create_task(self._expire_sessions(), name="expiry"),
+        ]
+        if self.config.network_probe_period_s > 0:
+            self._tasks.append(asyncio.create_task(run_probes(
+                self.network, self.config.network_probe_period_s, self._neighbour_records, self.p2p, self.peer_id,
+                self.config.forward_timeout_s * 2, self._rng), name="network-probe"))
+        if chosen and self.config.rebalance_period_s > 0:
+            self.rebalancer = Rebalancer(
+                period_s=self.config.rebalance_period_s, margin=self.config.rebalance_margin,
+                delay_s=self.config.rebalance_delay_s, read=self._read_snapshot, position=self._position,
+                move=self.move_to, rng=self._rng, on_fatal=self._on_fatal, say=self.say,
+            )
+            self._tasks.append(asyncio.create_task(self.rebalancer.run(), name="rebalance"))
+
+    def _plan_memory(self, span: Span) -> int | None:
+        """Say what `span` will take and check that it fits (ConfigError if not); returns the KV budget in
+        bytes, None for "auto" (decided once the weights are loaded)."""
+        memory = span_memory(self.config.model_path, span, self.dtype)
         free = free_bytes(self.config.device)
         planned = self.config.cache_bytes if isinstance(self.config.cache_bytes, int) else None
         if planned is None and self.config.cache_bytes != "auto":
             planned = memory.kv_bytes(self.config.cache_tokens)
-        self.say(f"loading {self.model_id}: {describe(memory, self.span, planned, self.config.device, free)}")
-        check_fits(memory, self.span, planned or 0, self.config.device, free)
+        self.say(f"loading {self.model_id}: {describe(memory, span, planned, self.config.device, free)}")
+        check_fits(memory, span, planned or 0, self.config.device, free)
+        return planned
+
+    async def _load(self, span: Span) -> None:
+        """Load `span` and build what serves it (KV budget, scheduler, sessions), then recall or measure the
+        compute throughput. The new objects replace the old ones only once all are built."""
+        loop = asyncio.get_running_loop()
+        planned = self._plan_memory(span)
         loaded = await loop.run_in_executor(
             self._compute,
             lambda: load_span(
-                self.config.model_path, self.span, dtype=self.dtype, device=self.config.device,
+                self.config.model_path, span, dtype=self.dtype, device=self.config.device,
                 attn_implementation=self.config.attn_implementation, progress=self.config.progress,
             ),
         )
-        self.span_model = SpanModel(loaded, cuda_graphs=self.config.cuda_graphs)
+        span_model = SpanModel(loaded, cuda_graphs=self.config.cuda_graphs)
         if planned is None:  # "auto": most of what the weights left free, minus room for activations
             planned = auto_cache_bytes(free_bytes(self.config.device), self.model_config, self.config.max_batch_tokens)
-            self.say(f"KV cache budget: {fmt(planned)} ({planned // memory.kv_bytes_per_token} token slots)")
-        self.budget = KVBudget(planned, self.config.page_tokens)
-        self.scheduler = Scheduler(
-            self.span_model, max_batch_tokens=self.config.max_batch_tokens,
+            self.say(f"KV cache budget: {fmt(planned)} ({planned // (span_model.bytes_per_block_token * span.length)} token slots)")
+        budget = KVBudget(planned, self.config.page_tokens)
+        scheduler = Scheduler(
+            span_model, max_batch_tokens=self.config.max_batch_tokens,
             prefill_chunk_tokens=self.config.prefill_chunk_tokens, batch_wait_s=batch_wait_s(self.config),
             max_memory_wait_s=self.config.admission_timeout_s,
         )
-        self.sessions = SessionManager(
-            self.config, self.budget, self.span_model.bytes_per_block_token * self.span.length,  # as caches count
-            new_cache=lambda rows, length, blocks: self.span_model.new_cache(rows, length, self.budget, blocks),
-            release=self.scheduler.release, memory_waiters=lambda: self.scheduler.memory_waiters,
+        sessions = SessionManager(
+            self.config, budget, span_model.bytes_per_block_token * span.length,  # as caches count
+            new_cache=lambda rows, length, blocks: span_model.new_cache(rows, length, budget, blocks),
+            release=scheduler.release, memory_waiters=lambda: scheduler.memory_waiters,
         )
-        self.compute_tokens_s = await loop.run_in_executor(self._compute, self._measure_compute)
-        if self.span_model.device.type == "cuda":
-            self.device_baseline_bytes = torch.cuda.memory_allocated(self.span_model.device)
-            torch.cuda.reset_peak_memory_stats(self.span_model.device)
-        self.scheduler.start()
+        self.span_model, self.budget, self.scheduler, self.sessions = span_model, budget, scheduler, sessions
+        self.compute_tokens_s = await self._throughput(span_model)
+        if span_model.device.type == "cuda":
+            self.device_baseline_bytes = torch.cuda.memory_allocated(span_model.device)
+            torch.cuda.reset_peak_memory_stats(span_model.device)
+        scheduler.start()
+
+    async def _throughput(self, span_model: SpanModel | None) -> float | None:
+        """Per-block tokens/s from the cache (peer.throughput), else measured on `span_model` and cached;
+        None when not cached and nothing is loaded to measure."""
+        key = throughput_key(torch.device(self.config.device), dtype_name(self.dtype), config_hash(self.model_config))
+        cached = None if self.config.remeasure_throughput else self.throughput_cache.get(key)
+        if cached is not None or span_model is None:
+            return cached
+        measured = await asyncio.get_running_loop().run_in_executor(
+            self._compute, measure_span, span_model, self.model_config.hidden_size)
+        self.throughput_cache.put(key, measured)
+        self.say(f"measured {measured:.0f} tokens/s per block on {key.device} (cached in {self.throughput_cache.path})")
+        return measured
+
+    async def _join_network(self) -> None:
+        """Start p2pd and the DHT node (no handlers yet: nothing is served before a span is loaded)."""
         self.identity = Identity.load_or_create(self.config.identity_path)
         settings = NodeSettings(
             initial_peers=self.config.initial_peers, host=self.config.host, port=self.config.port,
@@ -150,14 +219,17 @@ class PeerServer:
             self.p2p = await start_p2p(settings)
         finally:
             self.identity.close()  # an ephemeral key file is read once by p2pd at start
-        await self.p2p.add_binary_stream_handler(INFERENCE_HANDLER, self._handle_inference)
-        await self.p2p.add_binary_stream_handler(INFO_HANDLER, self._handle_info)
-        await self.p2p.add_binary_stream_handler(FORWARD_HANDLER, self._handle_forward)
         self.dht = await start_dht(self.p2p, settings, records.make_record_validator(self.identity))
         self.addrs = await visible_maddrs(self.p2p)
         self.dialer = DirectDialer(self.identity.private_key)
         self.channels = PushChannels(self.p2p, self.dialer, self.config.forward_timeout_s, self._record_of,
                                      self.forward_stats)
+
+    async def _serve(self) -> None:
+        """Register the handlers on p2pd and start the direct TLS server beside it."""
+        await self.p2p.add_binary_stream_handler(INFERENCE_HANDLER, self._handle_inference)
+        await self.p2p.add_binary_stream_handler(INFO_HANDLER, self._handle_info)
+        await self.p2p.add_binary_stream_handler(FORWARD_HANDLER, self._handle_forward)
         if self.config.direct_port is not None:
             self.direct = DirectServer(self.identity.private_key, self.peer_id, {
                 INFERENCE_HANDLER: self._handle_inference, INFO_HANDLER: self._handle_info,
@@ -169,13 +241,76 @@ class PeerServer:
                 raise ConfigError(f"direct port {self.config.direct_port} on {self.config.host}: {e.strerror}; "
                                   "pick another --direct-port (0 for any) or pass --no-direct") from e
             self.direct_addrs = direct_addrs(self.config.announce_maddrs or self.addrs, port)
+
+    # ------------------------------------------------------------ block selection and moving (peer.rebalance)
+
+    async def _read_snapshot(self) -> SwarmSnapshot:
+        n = self.model_config.num_hidden_layers
+        entries = await records.fetch_block_entries(self.dht, self.model_id, n, timeout_s=SNAPSHOT_TIMEOUT_S)
+        return snapshot_of(entries, n)
+
+    async def _choose_span(self) -> Span:
+        """No --blocks: take as many blocks as memory allows where the swarm is weakest (peer.placement)."""
+        length, why = blocks_to_take(self.config, self.model_config, self.dtype)
+        snapshot = await self._read_snapshot()
+        # announced while joining: the cached figure, else a typical peer's until this one is measured
+        self.compute_tokens_s = await self._throughput(None) or typical_tokens_s(snapshot)
+
+        async def announce_joining(span: Span) -> None:
+            self.span = span
+            await self.announcer.announce("joining")
+
+        span = await place_on_join(snapshot, self._read_snapshot, announce_joining, self.peer_id, length,
+                                   self.config.join_jitter_s, self._rng)
+        self.say(f"chose blocks {span}: {why}, where the swarm is weakest")
+        return span
+
+    def _position(self) -> PeerPosition:
+        movable = self.state == "online" and not self.leaving and self.compute_tokens_s is not None
+        return PeerPosition(self.peer_id, self.span, self.compute_tokens_s / self.span.length, movable)
+
+    async def move_to(self, span: Span) -> None:
+        """Rebalancing: drain exactly as on SIGTERM, but announced as moving to `span` (others count this peer
+        there), then load `span` and announce it (joining -> online). Sessions still open after
+        drain_grace_s end; their clients rebuild them elsewhere. A drain ordered meanwhile (begin_drain)
+        stops the move: the peer stays draining and leaves."""
+        deadline = time.time() + self.config.drain_grace_s
+        self.state, self.drain_deadline, self.next_span = "draining", deadline, span
+        self.say(f"moving: draining blocks {self.span} ({self.sessions.active} sessions open), then loading {span}")
+        with contextlib.suppress(Exception):  # the heartbeat announces it again
+            await asyncio.wait_for(self.announcer.announce("draining"), SNAPSHOT_TIMEOUT_S)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.sessions.wait_empty(), max(0.0, deadline - time.time()))
+        if self.leaving:
+            return
+        for session in self.sessions.expired(now_s=math.inf):  # every session still open
+            session.end(ConnectionAbortedError("this peer moved to other blocks"))
+        old_scheduler = self.scheduler
+        self.state, self.drain_deadline, self.next_span, self.span = "joining", None, None, span
+        self.span_model = None  # the old weights go before the new ones load
+        await asyncio.to_thread(old_scheduler.stop)
         await self.announcer.announce("joining")
+        await self._load(span)
+        if self.leaving:
+            return
         self.state = "online"
         await self.announcer.announce("online")
-        self._tasks = [
-            asyncio.create_task(self.announcer.run(), name="announcer"),
-            asyncio.create_task(self._expire_sessions(), name="expiry"),
-        ]
+        self.say(f"online: serving blocks {span} of {self.model_id} after moving")
+
+    def _on_fatal(self, reason: str) -> None:
+        self.say(f"leaving ({reason})")
+        self.leaving = True
+        self.fatal.set()
+
+    async def _neighbour_records(self) -> dict:
+        """Records of the blocks next to this peer's span: the peers it pushes to and that push to it."""
+        n = self.model_config.num_hidden_layers
+        blocks = [b for b in (self.span.start - 1, self.span.end) if 0 <= b < n]
+        found: dict = {}
+        for block in blocks:
+            found |= await records.fetch_blocks(self.dht, self.model_id, n, blocks=range(block, block + 1),
+                                                timeout_s=SNAPSHOT_TIMEOUT_S)
+        return found
 
     async def shutdown(self) -> None:
         """Announce offline, stop tasks, stop the network. Safe to call once after start()."""
@@ -199,25 +334,12 @@ class PeerServer:
 
     def begin_drain(self, deadline: float) -> None:
         """From now on refuse new sessions (error code ERROR_DRAINING) and tell `deadline` (unix time) in
-        `info` and on every result; open sessions keep running. The caller (peer.drain) announces it."""
+        `info` and on every result; open sessions keep running. The caller (peer.drain) announces it. The
+        peer is leaving: a move in progress stops."""
         self.state = "draining"
         self.drain_deadline = deadline
-
-    def _measure_compute(self, tokens: int = 16, repeats: int = 3) -> float:
-        """Decode-like throughput of one block, tokens/s: a few single-token steps on a scratch cache."""
-        model = self.span_model
-        hidden = torch.zeros(tokens, 1, self.model_config.hidden_size)
-        valid = torch.ones(tokens, 1, dtype=torch.bool)
-        best = float("inf")
-        for _ in range(repeats):
-            cache = model.new_cache(tokens, 1, blocks=(self.span.start, self.span.start + 1))
-            start = time.perf_counter()
-            model(hidden, torch.zeros(tokens, 1, dtype=torch.long), valid, cache)
-            if model.device.type == "cuda":
-                torch.cuda.synchronize(model.device)
-            best = min(best, time.perf_counter() - start)
-            cache.free()
-        return tokens / max(best, 1e-6)
+        self.next_span = None
+        self.leaving = True
 
     @property
     def peer_id(self) -> str:

@@ -538,14 +538,32 @@ async def fetch_blocks(
     within `timeout_s` come back empty. latest=True asks every replica (slower, complete); False stops
     at the first node that has the key.
     """
+    entries = await fetch_block_entries(node, model_id, num_blocks, timeout_s=timeout_s, latest=latest, blocks=blocks)
+    return {block: {peer_id: record for peer_id, (record, _) in found.items()} for block, found in entries.items()}
+
+
+async def fetch_block_entries(
+    node: DHTNode,
+    model_id: str,
+    num_blocks: int,
+    *,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    latest: bool = True,
+    blocks: range | None = None,
+) -> dict[int, dict[str, tuple[BlockRecord, float]]]:
+    """As fetch_blocks, with each record's DHT expiration time: {block: {peer_id: (record, expiration)}}.
+
+    A peer's records of different blocks may disagree (stale ones of a span it served before); the one
+    that expires last is the one it announced last (every announce stores all its blocks with one
+    expiration, and hivemind keeps the later expiration of a subkey)."""
     check_model_id(model_id)
     blocks = range(num_blocks) if blocks is None else blocks
     keys = {block_key(model_id, block): block for block in blocks}
     found = await _get_many(node, list(keys), timeout_s, latest)
     return {
         block: {
-            peer_id: record
-            for peer_id, record in _decode_entries(key, found.get(key))
+            peer_id: (record, expiration)
+            for peer_id, record, expiration in _decode_entries(key, found.get(key), with_expiration=True)
             if isinstance(record, BlockRecord)
         }
         for key, block in keys.items()
@@ -586,8 +604,9 @@ async def _get_many(node: DHTNode, keys: list[str], timeout_s: float, latest: bo
     return results
 
 
-def _decode_entries(key: str, found: object) -> list[tuple[str, Record]]:
-    """Decode hivemind's answer for one key: ValueWithExpiration({subkey: ValueWithExpiration(value)})."""
+def _decode_entries(key: str, found: object, with_expiration: bool = False) -> list[tuple]:
+    """Decode hivemind's answer for one key: ValueWithExpiration({subkey: ValueWithExpiration(value)}), as
+    [(peer_id, record)] or, `with_expiration`, [(peer_id, record, expiration_time)]."""
     if found is None:
         return []
     if not isinstance(found, ValueWithExpiration) or type(found.value) is not dict:
@@ -607,5 +626,5 @@ def _decode_entries(key: str, found: object) -> list[tuple[str, Record]]:
         except ProtocolError as e:
             logger.debug("dropping DHT entry under %r subkey %.60r: %s", key, subkey, e)
             continue
-        entries.append((peer_id, record))
+        entries.append((peer_id, record, item.expiration_time) if with_expiration else (peer_id, record))
     return entries
