@@ -21,11 +21,13 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from hivemind.p2p import P2P
 
+from swarm import records
 from swarm.errors import PeerError, ProtocolError
 from swarm.net import connect
 from swarm.probe import check_peer_id
 from swarm.protocol import INFO_HANDLER, read_message, write_message
 from swarm.records import BlockRecord
+from swarm.spans import Span
 
 logger = logging.getLogger(__name__)
 
@@ -117,3 +119,13 @@ async def run_probes(stats: NetworkStats, period_s: float, neighbour_records: Ca
         except Exception:  # supervisor loop: a DHT hiccup skips one round
             logger.exception("network probe round failed")
         await asyncio.sleep(period_s * rng.uniform(0.75, 1.25))
+
+
+async def neighbour_records(dht, model_id: str, num_blocks: int, span: Span, timeout_s: float) -> dict:
+    """Records of the blocks right before and right after `span`: the peers this one talks to."""
+    blocks = [b for b in (span.start - 1, span.end) if 0 <= b < num_blocks]
+    found: dict = {}
+    for block in blocks:
+        found |= await records.fetch_blocks(dht, model_id, num_blocks, blocks=range(block, block + 1),
+                                            timeout_s=timeout_s)
+    return found

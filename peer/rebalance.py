@@ -23,9 +23,18 @@ import statistics
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from swarm import records
 from swarm.spans import Span
 
-from peer.placement import MoveDecision, SwarmSnapshot, choose_span, coverage, rebalance_target, rechoose
+from peer.placement import (
+    MoveDecision,
+    SwarmSnapshot,
+    choose_span,
+    coverage,
+    rebalance_target,
+    rechoose,
+    snapshot_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -115,3 +124,8 @@ class Rebalancer:
                 self._on_fatal(f"moving to blocks {target} failed: {e}")
                 return
             self.moves += 1
+
+
+async def read_snapshot(dht, model_id: str, num_blocks: int, timeout_s: float) -> SwarmSnapshot:
+    """The model's block records as placement sees them (records.fetch_block_entries, then snapshot_of)."""
+    return snapshot_of(await records.fetch_block_entries(dht, model_id, num_blocks, timeout_s=timeout_s), num_blocks)

@@ -21,6 +21,19 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 import swarm
+from peer.announcer import Announcer
+from peer.config import PeerConfig
+from peer.drain import DrainingRefusal
+from peer.forward import ForwardLink, ForwardStats, PushChannels
+from peer.memory import blocks_to_take
+from peer.network import NetworkStats, neighbour_records, run_probes
+from peer.placement import SwarmSnapshot
+from peer.rebalance import PeerPosition, Rebalancer, place_on_join, read_snapshot, typical_tokens_s
+from peer.requests import message_type, parse_open, parse_step
+from peer.scheduler import Scheduler
+from peer.sessions import Session, SessionManager
+from peer.stack import build_stack, plan_memory
+from peer.throughput import ThroughputCache, measure_span, throughput_key
 from swarm import records
 from swarm.direct import DirectDialer, DirectServer, direct_addrs
 from swarm.errors import ConfigError, PeerRefused, ProtocolError
@@ -44,21 +57,8 @@ from swarm.protocol import (
     write_message,
 )
 from swarm.runtime import CacheFull, KVBudget, SpanModel, load_span
-from swarm.runtime.loading import config_hash, dtype_name, load_config, parse_dtype, span_memory
+from swarm.runtime.loading import config_hash, dtype_name, load_config, parse_dtype
 from swarm.spans import Span, check_model_id, default_model_id
-
-from peer.announcer import Announcer
-from peer.config import PeerConfig
-from peer.memory import auto_cache_bytes, blocks_to_take, check_fits, describe, fmt, free_bytes
-from peer.network import NetworkStats, run_probes
-from peer.placement import SwarmSnapshot, snapshot_of
-from peer.rebalance import PeerPosition, Rebalancer, place_on_join, typical_tokens_s
-from peer.throughput import ThroughputCache, measure_span, throughput_key
-from peer.drain import DrainingRefusal
-from peer.forward import ForwardLink, ForwardStats, PushChannels
-from peer.requests import message_type, parse_open, parse_step
-from peer.scheduler import Scheduler
-from peer.sessions import Session, SessionManager
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +120,8 @@ class PeerServer:
         peer.rebalance), load it, serve, announce online. Returns when ready."""
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
-        if self.span is not None:
-            self._plan_memory(self.span)  # a given span that cannot fit fails before anything starts
+        if self.span is not None:  # a given span that cannot fit fails before anything starts
+            plan_memory(self.config, self.span, self.dtype, self.model_id, self.say)
         await self._join_network()
         chosen = self.span is None
         if chosen:
@@ -148,51 +148,26 @@ class PeerServer:
             )
             self._tasks.append(asyncio.create_task(self.rebalancer.run(), name="rebalance"))
 
-    def _plan_memory(self, span: Span) -> int | None:
-        """Say what `span` will take and check that it fits (ConfigError if not); returns the KV budget in
-        bytes, None for "auto" (decided once the weights are loaded)."""
-        memory = span_memory(self.config.model_path, span, self.dtype)
-        free = free_bytes(self.config.device)
-        planned = self.config.cache_bytes if isinstance(self.config.cache_bytes, int) else None
-        if planned is None and self.config.cache_bytes != "auto":
-            planned = memory.kv_bytes(self.config.cache_tokens)
-        self.say(f"loading {self.model_id}: {describe(memory, span, planned, self.config.device, free)}")
-        check_fits(memory, span, planned or 0, self.config.device, free)
-        return planned
-
     async def _load(self, span: Span) -> None:
-        """Load `span` and build what serves it (KV budget, scheduler, sessions), then recall or measure the
-        compute throughput. The new objects replace the old ones only once all are built."""
-        loop = asyncio.get_running_loop()
-        planned = self._plan_memory(span)
-        loaded = await loop.run_in_executor(
+        """Load `span` and build what serves it (peer.stack), then recall or measure the compute throughput.
+        The new objects replace the old ones only once all are built."""
+        planned = plan_memory(self.config, span, self.dtype, self.model_id, self.say)
+        loaded = await asyncio.get_running_loop().run_in_executor(
             self._compute,
             lambda: load_span(
                 self.config.model_path, span, dtype=self.dtype, device=self.config.device,
                 attn_implementation=self.config.attn_implementation, progress=self.config.progress,
             ),
         )
-        span_model = SpanModel(loaded, cuda_graphs=self.config.cuda_graphs)
-        if planned is None:  # "auto": most of what the weights left free, minus room for activations
-            planned = auto_cache_bytes(free_bytes(self.config.device), self.model_config, self.config.max_batch_tokens)
-            self.say(f"KV cache budget: {fmt(planned)} ({planned // (span_model.bytes_per_block_token * span.length)} token slots)")
-        budget = KVBudget(planned, self.config.page_tokens)
-        scheduler = Scheduler(
-            span_model, max_batch_tokens=self.config.max_batch_tokens,
-            prefill_chunk_tokens=self.config.prefill_chunk_tokens, batch_wait_s=batch_wait_s(self.config),
-            max_memory_wait_s=self.config.admission_timeout_s,
-        )
-        sessions = SessionManager(
-            self.config, budget, span_model.bytes_per_block_token * span.length,  # as caches count
-            new_cache=lambda rows, length, blocks: span_model.new_cache(rows, length, budget, blocks),
-            release=scheduler.release, memory_waiters=lambda: scheduler.memory_waiters,
-        )
-        self.span_model, self.budget, self.scheduler, self.sessions = span_model, budget, scheduler, sessions
-        self.compute_tokens_s = await self._throughput(span_model)
-        if span_model.device.type == "cuda":
-            self.device_baseline_bytes = torch.cuda.memory_allocated(span_model.device)
-            torch.cuda.reset_peak_memory_stats(span_model.device)
-        scheduler.start()
+        stack = build_stack(self.config, SpanModel(loaded, cuda_graphs=self.config.cuda_graphs), self.model_config,
+                            planned, batch_wait_s(self.config), self.say)
+        self.span_model, self.budget, self.scheduler, self.sessions = (
+            stack.span_model, stack.budget, stack.scheduler, stack.sessions)
+        self.compute_tokens_s = await self._throughput(stack.span_model)
+        if stack.span_model.device.type == "cuda":
+            self.device_baseline_bytes = torch.cuda.memory_allocated(stack.span_model.device)
+            torch.cuda.reset_peak_memory_stats(stack.span_model.device)
+        stack.scheduler.start()
 
     async def _throughput(self, span_model: SpanModel | None) -> float | None:
         """Per-block tokens/s from the cache (peer.throughput), else measured on `span_model` and cached;
@@ -245,9 +220,7 @@ class PeerServer:
     # ------------------------------------------------------------ block selection and moving (peer.rebalance)
 
     async def _read_snapshot(self) -> SwarmSnapshot:
-        n = self.model_config.num_hidden_layers
-        entries = await records.fetch_block_entries(self.dht, self.model_id, n, timeout_s=SNAPSHOT_TIMEOUT_S)
-        return snapshot_of(entries, n)
+        return await read_snapshot(self.dht, self.model_id, self.model_config.num_hidden_layers, SNAPSHOT_TIMEOUT_S)
 
     async def _choose_span(self) -> Span:
         """No --blocks: take as many blocks as memory allows where the swarm is weakest (peer.placement)."""
@@ -303,14 +276,8 @@ class PeerServer:
         self.fatal.set()
 
     async def _neighbour_records(self) -> dict:
-        """Records of the blocks next to this peer's span: the peers it pushes to and that push to it."""
-        n = self.model_config.num_hidden_layers
-        blocks = [b for b in (self.span.start - 1, self.span.end) if 0 <= b < n]
-        found: dict = {}
-        for block in blocks:
-            found |= await records.fetch_blocks(self.dht, self.model_id, n, blocks=range(block, block + 1),
-                                                timeout_s=SNAPSHOT_TIMEOUT_S)
-        return found
+        return await neighbour_records(self.dht, self.model_id, self.model_config.num_hidden_layers, self.span,
+                                       SNAPSHOT_TIMEOUT_S)
 
     async def shutdown(self) -> None:
         """Announce offline, stop tasks, stop the network. Safe to call once after start()."""

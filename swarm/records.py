@@ -560,13 +560,31 @@ async def fetch_block_entries(
     blocks = range(num_blocks) if blocks is None else blocks
     keys = {block_key(model_id, block): block for block in blocks}
     found = await _get_many(node, list(keys), timeout_s, latest)
-    return {
+    return drop_stale_spans({
         block: {
             peer_id: (record, expiration)
             for peer_id, record, expiration in _decode_entries(key, found.get(key), with_expiration=True)
             if isinstance(record, BlockRecord)
         }
         for key, block in keys.items()
+    })
+
+
+def drop_stale_spans(
+    entries: dict[int, dict[str, tuple[BlockRecord, float]]],
+) -> dict[int, dict[str, tuple[BlockRecord, float]]]:
+    """Leave out each peer's records of a span other than the one of its record that expires last: a
+    peer that moved (rebalancing) or restarted on other blocks leaves records of its old span behind
+    until they expire, and they would say it is draining or serves blocks it no longer holds. Only the
+    blocks read count: a peer's freshest record among them decides."""
+    latest: dict[str, tuple[float, Span]] = {}
+    for block_entries in entries.values():
+        for peer_id, (record, expiration) in block_entries.items():
+            if peer_id not in latest or expiration > latest[peer_id][0]:
+                latest[peer_id] = (expiration, record.span)
+    return {
+        block: {pid: entry for pid, entry in block_entries.items() if entry[0].span == latest[pid][1]}
+        for block, block_entries in entries.items()
     }
 
 

@@ -126,3 +126,15 @@ def test_the_new_fields_are_checked(changes, problem):
     wire = RECORD.to_wire() | {k: (v.value if isinstance(v, BlockState) else v) for k, v in changes.items()}
     with pytest.raises(ProtocolError, match=problem):
         decode_record(wire)
+
+
+def test_records_of_a_span_a_peer_left_are_dropped_once_it_announced_another():
+    moved_from = dataclasses.replace(RECORD, block=0, start=0, end=2, state=BlockState.DRAINING,
+                                     drain_deadline=1.8e9, next_start=1, next_end=4, rtt_ms=None)
+    now_on = [dataclasses.replace(RECORD, block=b) for b in (1, 2, 3)]
+    other = dataclasses.replace(RECORD, block=0, start=0, end=1)
+    entries = {0: {"a": (moved_from, 100.0), "b": (other, 50.0)}, 1: {"a": (now_on[0], 130.0)},
+               2: {"a": (now_on[1], 130.0)}, 3: {"a": (now_on[2], 130.0)}}
+    kept = records.drop_stale_spans(entries)
+    assert kept[0] == {"b": (other, 50.0)}  # a's stale 0:2 record is gone, b's (its only span) stays
+    assert [kept[b]["a"][0] for b in (1, 2, 3)] == now_on
