@@ -344,6 +344,8 @@ class PeerServer:
             "steps": {"served": self.steps_served, "serve_s": round(self.serve_s, 4),
                       "answer_s": round(self.answer_s, 4)},
             "forward": self.forward_stats.as_dict(),
+            "throughput": {"compute_tokens_s": self.compute_tokens_s, "network": self.network.as_dict(),
+                           "moves": self.rebalancer.moves if self.rebalancer else 0},
         }
         if self.direct is not None:
             fields["direct"] = {"addrs": self.direct_addrs, "accepted": self.direct.accepted,

@@ -83,15 +83,32 @@ class AtToken(BaseStreamer):
 def test_peers_started_together_spread_over_the_model(model_path, expected, cache_dir):
     with LocalSwarm(str(model_path)) as swarm:
         procs = [start_auto_peer(swarm, f"auto{i}", "--num-blocks", "2", "--model-id", "spread",
-                                 "--join-jitter-s", "2", "--rebalance-period-s", "0") for i in range(3)]
-        spans = sorted(ready_fields(swarm, p)["blocks"] for p in procs)
+                                 "--join-jitter-s", "2", "--rebalance-period-s", "0",
+                                 "--network-probe-period-s", "1") for i in range(3)]
+        ready = [ready_fields(swarm, p) for p in procs]
+        spans = sorted(fields["blocks"] for fields in ready)
         assert set(spans) == {"0:2", "2:4"}, spans  # covered, and the third is a replica of either half
         assert json.loads((cache_dir / "throughput.json").read_text())["entries"]  # measured once, cached
         client = client_for(model_path, swarm, "spread")
+        transport = loop.run(HivemindTransport.create(swarm.initial_peers), 60)
         try:
             assert torch.equal(client.generate(PROMPT, max_new_tokens=NEW_TOKENS, **GREEDY), expected)
+            # every peer measured round trips to its neighbours and announces them on its next heartbeat
+            deadline = time.monotonic() + 30
+            while True:
+                found = loop.run(transport.fetch_blocks("spread", 4), 30)
+                announced = {pid: r.rtt_ms for block in found.values() for pid, r in block.items()}
+                if len(announced) == 3 and all(rtt is not None for rtt in announced.values()):
+                    break
+                assert time.monotonic() < deadline, f"round trips not announced in time: {announced}"
+                time.sleep(0.5)
+            assert all(0 < rtt < 5000 for rtt in announced.values()), announced
+            info = loop.run(transport.request(ready[0]["peer_id"], ready[0]["addrs"].split(","), INFO_HANDLER,
+                                              {"type": "info"}, 10), 30)
+            assert info["throughput"]["network"]["samples"] >= 1 and info["throughput"]["compute_tokens_s"] > 0
         finally:
             client.shutdown()
+            loop.run(transport.shutdown(), 30)
 
 
 def wait_line(proc: Proc, prefix: str, timeout_s: float) -> str:
