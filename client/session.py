@@ -197,7 +197,9 @@ class InferenceSession:
         refusals: dict[str, str] = {}
         while True:
             try:
-                route, addrs = await self._plan(start, end)
+                # once peers refused us (full, draining), blocks they alone serve are not missing: no waiting
+                # for new peers to appear, the refusals are the answer
+                route, addrs = await self._plan(start, end, wait=not refusals)
             except MissingBlocksError as e:
                 if not refusals:
                     raise
@@ -223,8 +225,9 @@ class InferenceSession:
                 logger.warning("routing blocks %d:%d failed (%s); retrying in %.2f s", start, end, e, delay)
                 await asyncio.sleep(delay)
 
-    async def _plan(self, start: int, end: int):
-        """A route for [start, end) from a fresh DHT snapshot; waits for missing blocks up to the deadline."""
+    async def _plan(self, start: int, end: int, wait: bool = True):
+        """A route for [start, end) from a fresh DHT snapshot; waits for missing blocks up to the deadline
+        (`wait`), else raises MissingBlocksError once a fresh snapshot has none."""
         model, config = self.model, self.model.client_config
         transport = await model.transport()
         retry = config.route_wait_policy.start()
@@ -255,7 +258,7 @@ class InferenceSession:
                 if not fresh:
                     fresh = True
                     continue
-                delay = retry.next_delay()
+                delay = retry.next_delay() if wait else None
                 if delay is None:
                     raise
                 logger.debug("no route for %d:%d yet; snapshot %s", start, end,
