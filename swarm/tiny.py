@@ -264,13 +264,20 @@ _QWEN2_PRETOKENIZE_REGEX = (
 )
 
 
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
 def build_tokenizer(vocab_size: int):
     """A byte-level BPE of exactly `vocab_size` entries, as a PreTrainedTokenizerFast.
 
     Ids 0..3 are <pad>, <s>, </s>, <unk>. Encoding adds no special tokens (as Qwen's and GPT-2's
     tokenizers); decoding with skip_special_tokens=True gives back the input text exactly for any
     NFC-normalised text, ASCII included. Padding is on the left, which batched generation needs.
-    No chat template.
+    A plain-text chat template (CHAT_TEMPLATE: each turn as "<|role|>" and its text on lines of their own),
+    so the chat API has one to apply.
 
     The pipeline (NFC, Qwen2's pre-tokenizer regex, byte-level without prefix space) is the one
     transformers' Qwen2Tokenizer rebuilds from vocab and merges: AutoTokenizer forces that class for
@@ -311,6 +318,7 @@ def build_tokenizer(vocab_size: int):
         padding_side="left",
         clean_up_tokenization_spaces=False,  # would rewrite " ." to "." and break the round trip
         model_max_length=MAX_POSITIONS,
+        chat_template=CHAT_TEMPLATE,
     )
 
 
