@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 
 import pytest
@@ -115,15 +116,23 @@ def wait_line(proc: Proc, prefix: str, timeout_s: float) -> str:
     return proc.wait_line(lambda line: line.startswith(prefix), timeout_s)
 
 
+def start_mover(swarm: LocalSwarm, model_id: str) -> tuple[Proc, dict[str, str]]:
+    """A peer on 2:4, then a peer without --blocks (it takes 0:2, where nobody is) that checks every ~2 s
+    whether to move."""
+    swarm.start_peer("2:4", extra=["--model-id", model_id])
+    mover = start_auto_peer(swarm, "mover", "--model-id", model_id, "--num-blocks", "2",
+                            "--rebalance-period-s", "2", "--rebalance-delay-s", "0.5", "--rebalance-margin", "0.2",
+                            "--drain-grace-s", "30")
+    fields = ready_fields(swarm, mover)
+    assert fields["blocks"] == "0:2"  # the blocks nobody served
+    return mover, fields
+
+
 def test_a_peer_moves_while_a_session_runs_on_it(model_path, expected, cache_dir):
     model_id = "moving"
     with LocalSwarm(str(model_path)) as swarm:
         common = ["--model-id", model_id]
-        swarm.start_peer("2:4", extra=common)
-        mover = start_auto_peer(swarm, "mover", *common, "--num-blocks", "2", "--rebalance-period-s", "2",
-                                "--rebalance-delay-s", "0.5", "--rebalance-margin", "0.2", "--drain-grace-s", "30")
-        fields = ready_fields(swarm, mover)
-        assert fields["blocks"] == "0:2"  # the blocks nobody served
+        mover, fields = start_mover(swarm, model_id)
         client = client_for(model_path, swarm, model_id)
         transport = loop.run(HivemindTransport.create(swarm.initial_peers), 60)
         try:
@@ -157,3 +166,26 @@ def test_a_peer_moves_while_a_session_runs_on_it(model_path, expected, cache_dir
         finally:
             client.shutdown()
             loop.run(transport.shutdown(), 30)
+
+
+def test_sigterm_during_a_move_drains_and_leaves_instead(model_path, expected, cache_dir):
+    model_id = "leaving-mover"
+    with LocalSwarm(str(model_path)) as swarm:
+        mover, fields = start_mover(swarm, model_id)
+        client = client_for(model_path, swarm, model_id)
+        try:
+            def crowd_then_terminate():
+                swarm.start_peers(["0:2", "0:2"], extra=["--model-id", model_id])
+                wait_line(mover, "moving: draining blocks 0:2 (1 sessions open)", 30)
+                mover.kill(signal.SIGTERM)
+                wait_line(mover, "draining: leaving within 30 s", 10)
+
+            with client.inference_session(max_length=32):
+                out = client.generate(PROMPT, max_new_tokens=NEW_TOKENS, streamer=AtToken(3, crowd_then_terminate),
+                                      **GREEDY)
+            assert torch.equal(out, expected)
+            assert mover.popen.wait(30) == 0
+            output = "".join(mover.output)
+            assert "leaving (all sessions closed)" in output and "after moving" not in output, output
+        finally:
+            client.shutdown()
