@@ -58,7 +58,7 @@ class Piece:
     """What a generation yields: new text (possibly empty) and, on the last piece, why it ended."""
 
     text: str
-    tokens: int  # completion tokens so far
+    tokens: int  # completion tokens so far (an EOS that ended the generation included)
     finish_reason: str | None = None  # "stop" | "length" | None while running
 
 
@@ -92,8 +92,8 @@ class Generation:
                 logits = model.lm_head(model.norm(hidden)).float()[:, -1, :]  # as the model's forward computes them
                 token = self._pick(torch.cat([ids, torch.tensor([generated], dtype=torch.long)], dim=1), logits,
                                    warpers)
-                if token in self._eos:
-                    yield Piece(self._text(generated)[sent:], len(generated), "stop")
+                if token in self._eos:  # counted as generated, as generate() counts it
+                    yield Piece(self._text(generated)[sent:], len(generated) + 1, "stop")
                     return
                 generated.append(token)
                 text = self._text(generated)
