@@ -66,7 +66,9 @@ def block_weight_bytes(model_path: str, dtype: torch.dtype) -> list[int]:
     return [reader.numel(by_block.get(block, [])) * itemsize for block in range(num_blocks)]
 
 
-def blocks_that_fit(budget_bytes: int, block_weights: list[int], kv_bytes_per_block: int, fixed_bytes: int) -> int:
+def blocks_that_fit(
+    budget_bytes: int, block_weights: list[int], kv_bytes_per_block: int, fixed_bytes: int
+) -> int:
     """How many blocks a peer takes when no span is given: the largest k such that
     (the k heaviest blocks' weights + k x `kv_bytes_per_block` + `fixed_bytes`) x HEADROOM fits
     `budget_bytes`. The heaviest blocks, because the start is chosen later (mixture-of-experts models mix
@@ -121,8 +123,9 @@ def blocks_to_take(config, model_config, dtype: torch.dtype) -> tuple[int, str]:
     k = blocks_that_fit(budget, weights, kv_per_block, fixed)
     if k == 0:
         raise ConfigError(
-            f"not enough memory for even one block: {fmt(max(weights))} of weights + {fmt(kv_per_block + fixed)} "
-            f"of KV cache and activations in a budget of {fmt(budget)}; lower --cache-tokens / --cache-bytes, "
+            f"not enough memory for even one block: {fmt(max(weights))} of weights + "
+            f"{fmt(kv_per_block + fixed)} of KV cache and activations in a budget of {fmt(budget)}; "
+            "lower --cache-tokens / --cache-bytes, "
             "use --dtype bfloat16 or a bigger device"
         )
     return k, (f"{k} of {num_blocks} blocks fit {fmt(budget)} (up to {fmt(max(weights))} of weights and "

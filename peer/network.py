@@ -97,17 +97,29 @@ async def _timed_info(p2p: P2P, pid, extra: dict) -> float:
     return time.perf_counter() - started
 
 
-def neighbours(found: dict[int, dict[str, BlockRecord]], own_id: str, rng: random.Random,
-               count: int = PEERS_PER_ROUND) -> list[tuple[str, tuple[str, ...]]]:
+def neighbours(
+    found: dict[int, dict[str, BlockRecord]], own_id: str, rng: random.Random, count: int = PEERS_PER_ROUND
+) -> list[tuple[str, tuple[str, ...]]]:
     """Up to `count` online peers (id, addrs) of the neighbouring blocks' records, chosen at random."""
-    peers = {pid: r.addrs for records in found.values() for pid, r in records.items()
-             if pid != own_id and r.state == "online"}
+    peers = {
+        pid: r.addrs
+        for records in found.values()
+        for pid, r in records.items()
+        if pid != own_id and r.state == "online"
+    }
     chosen = rng.sample(sorted(peers), min(count, len(peers)))
     return [(pid, peers[pid]) for pid in chosen]
 
 
-async def run_probes(stats: NetworkStats, period_s: float, neighbour_records: Callable[[], Awaitable[dict]],
-                     p2p: P2P, own_id: str, timeout_s: float, rng: random.Random) -> None:
+async def run_probes(
+    stats: NetworkStats,
+    period_s: float,
+    neighbour_records: Callable[[], Awaitable[dict]],
+    p2p: P2P,
+    own_id: str,
+    timeout_s: float,
+    rng: random.Random,
+) -> None:
     """Probe a few neighbours every `period_s` until cancelled; failures are logged, never raised."""
     while True:
         try:
@@ -126,6 +138,7 @@ async def neighbour_records(dht, model_id: str, num_blocks: int, span: Span, tim
     blocks = [b for b in (span.start - 1, span.end) if 0 <= b < num_blocks]
     found: dict = {}
     for block in blocks:
-        found |= await records.fetch_blocks(dht, model_id, num_blocks, blocks=range(block, block + 1),
-                                            timeout_s=timeout_s)
+        found |= await records.fetch_blocks(
+            dht, model_id, num_blocks, blocks=range(block, block + 1), timeout_s=timeout_s
+        )
     return found

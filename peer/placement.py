@@ -68,7 +68,9 @@ def peer_view(peer_id: str, record: BlockRecord) -> PeerView:
     return PeerView(peer_id, record.state, span, counts_on, record.compute_tokens_s / span.length)
 
 
-def snapshot_of(entries: Mapping[int, Mapping[str, tuple[BlockRecord, float]]], num_blocks: int) -> SwarmSnapshot:
+def snapshot_of(
+    entries: Mapping[int, Mapping[str, tuple[BlockRecord, float]]], num_blocks: int
+) -> SwarmSnapshot:
     """From {block: {peer_id: (record, expiration_time)}} (records.fetch_block_entries): one view per peer,
     from its record that expires last. Spans reaching past `num_blocks` are left out (another model's
     layout, or a confused peer)."""
@@ -78,7 +80,11 @@ def snapshot_of(entries: Mapping[int, Mapping[str, tuple[BlockRecord, float]]], 
             if peer_id not in freshest or expiration > freshest[peer_id][0]:
                 freshest[peer_id] = (expiration, record)
     views = [peer_view(peer_id, record) for peer_id, (_, record) in sorted(freshest.items())]
-    fits = [v for v in views if v.span.end <= num_blocks and (v.counts_on is None or v.counts_on.end <= num_blocks)]
+    fits = [
+        v
+        for v in views
+        if v.span.end <= num_blocks and (v.counts_on is None or v.counts_on.end <= num_blocks)
+    ]
     return SwarmSnapshot(num_blocks, tuple(fits))
 
 
@@ -108,12 +114,15 @@ def rechoose(snapshot: SwarmSnapshot, peer_id: str, length: int) -> Span:
     (where they announced themselves does not matter, so every joiner that read the same records computes
     the same placement, whatever order the re-reads came in); then this peer takes the weakest window left.
     Joining peers with a higher id do not count: they yield to this one."""
-    settled = SwarmSnapshot(snapshot.num_blocks, tuple(
-        p for p in snapshot.peers if p.peer_id != peer_id and p.state != BlockState.JOINING
-    ))
+    settled = SwarmSnapshot(
+        snapshot.num_blocks,
+        tuple(p for p in snapshot.peers if p.peer_id != peer_id and p.state != BlockState.JOINING),
+    )
     cover = coverage(settled)
-    earlier = sorted((p for p in snapshot.peers if p.state == BlockState.JOINING and p.peer_id < peer_id),
-                     key=lambda p: p.peer_id)
+    earlier = sorted(
+        (p for p in snapshot.peers if p.state == BlockState.JOINING and p.peer_id < peer_id),
+        key=lambda p: p.peer_id,
+    )
     for peer in earlier:
         cover = with_peer(cover, choose_span(cover, peer.span.length), peer.span_tokens_s)
     return choose_span(cover, length)
@@ -152,8 +161,9 @@ class MoveDecision:
     reason: str
 
 
-def rebalance_target(snapshot: SwarmSnapshot, peer_id: str, current: Span, span_tokens_s: float,
-                     margin: float) -> MoveDecision:
+def rebalance_target(
+    snapshot: SwarmSnapshot, peer_id: str, current: Span, span_tokens_s: float, margin: float
+) -> MoveDecision:
     """Whether `peer_id`, serving `current` at `span_tokens_s`, should move, and where (module docstring).
 
     The candidate is the span of the same length that gives the best quality with this peer on it (ties:
@@ -164,8 +174,14 @@ def rebalance_target(snapshot: SwarmSnapshot, peer_id: str, current: Span, span_
     before = quality(with_peer(others, current, span_tokens_s))
     starts = range(snapshot.num_blocks - current.length + 1)
     spans = [Span(s, s + current.length) for s in starts]
-    best = max(spans, key=lambda span: (quality(with_peer(others, span, span_tokens_s)),
-                                        [-c for c in sorted(others[span.start : span.end])], -span.start))
+    best = max(
+        spans,
+        key=lambda span: (
+            quality(with_peer(others, span, span_tokens_s)),
+            [-c for c in sorted(others[span.start : span.end])],
+            -span.start,
+        ),
+    )
     after = quality(with_peer(others, best, span_tokens_s))
     if best == current:
         return MoveDecision(None, before, before, "already on the best span")
@@ -174,6 +190,10 @@ def rebalance_target(snapshot: SwarmSnapshot, peer_id: str, current: Span, span_
     if after.uncovered > 0 or before.uncovered > 0:
         return MoveDecision(None, before, after, "would not cover more blocks")
     if after.min_coverage > before.min_coverage * (1.0 + margin):
-        return MoveDecision(best, before, after, (
-            f"raises the minimum coverage {before.min_coverage:.3g} -> {after.min_coverage:.3g} tokens/s"))
+        return MoveDecision(
+            best,
+            before,
+            after,
+            (f"raises the minimum coverage {before.min_coverage:.3g} -> {after.min_coverage:.3g} tokens/s"),
+        )
     return MoveDecision(None, before, after, f"gain below the {margin:.0%} margin")

@@ -49,9 +49,16 @@ def typical_tokens_s(snapshot: SwarmSnapshot, default: float = 1.0) -> float:
     return statistics.median(figures) if figures else default
 
 
-async def place_on_join(snapshot: SwarmSnapshot, read: Read, announce_joining: Callable[[Span], Awaitable[None]],
-                        peer_id: str, length: int, jitter_s: float, rng: random.Random,
-                        sleep: Sleep = asyncio.sleep) -> Span:
+async def place_on_join(
+    snapshot: SwarmSnapshot,
+    read: Read,
+    announce_joining: Callable[[Span], Awaitable[None]],
+    peer_id: str,
+    length: int,
+    jitter_s: float,
+    rng: random.Random,
+    sleep: Sleep = asyncio.sleep,
+) -> Span:
     """Choose this peer's span of `length` blocks from `snapshot` and announce it (module docstring)."""
     span = choose_span(coverage(snapshot.without(peer_id)), length)
     await announce_joining(span)
@@ -76,11 +83,20 @@ class PeerPosition:
 
 
 class Rebalancer:
-    def __init__(self, *, period_s: float, margin: float, delay_s: float, read: Read,
-                 position: Callable[[], PeerPosition], move: Callable[[Span], Awaitable[None]],
-                 rng: random.Random, sleep: Sleep = asyncio.sleep,
-                 on_fatal: Callable[[str], None] = lambda reason: None,
-                 say: Callable[[str], None] = lambda line: logger.info("%s", line)):
+    def __init__(
+        self,
+        *,
+        period_s: float,
+        margin: float,
+        delay_s: float,
+        read: Read,
+        position: Callable[[], PeerPosition],
+        move: Callable[[Span], Awaitable[None]],
+        rng: random.Random,
+        sleep: Sleep = asyncio.sleep,
+        on_fatal: Callable[[str], None] = lambda reason: None,
+        say: Callable[[str], None] = lambda line: logger.info("%s", line),
+    ):
         self.period_s, self.margin, self.delay_s = period_s, margin, delay_s
         self._read, self._position, self._move = read, position, move
         self._rng, self._sleep, self._on_fatal, self._say = rng, sleep, on_fatal, say
@@ -100,8 +116,11 @@ class Rebalancer:
         await self._sleep(self._rng.uniform(0, self.delay_s))
         second = self._decide(await self._read())
         if second is None or second.target is None:
-            logger.info("rebalance: moving to %s no longer helps after the delay (%s)", first.target,
-                        second.reason if second else "not movable now")
+            logger.info(
+                "rebalance: moving to %s no longer helps after the delay (%s)",
+                first.target,
+                second.reason if second else "not movable now",
+            )
             return None
         self._say(f"rebalancing: moving to blocks {second.target}: {second.reason}")
         return second.target
@@ -128,4 +147,6 @@ class Rebalancer:
 
 async def read_snapshot(dht, model_id: str, num_blocks: int, timeout_s: float) -> SwarmSnapshot:
     """The model's block records as placement sees them (records.fetch_block_entries, then snapshot_of)."""
-    return snapshot_of(await records.fetch_block_entries(dht, model_id, num_blocks, timeout_s=timeout_s), num_blocks)
+    return snapshot_of(
+        await records.fetch_block_entries(dht, model_id, num_blocks, timeout_s=timeout_s), num_blocks
+    )

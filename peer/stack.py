@@ -29,7 +29,9 @@ class SpanStack:
     sessions: SessionManager
 
 
-def plan_memory(config: PeerConfig, span: Span, dtype: torch.dtype, model_id: str, say: Callable[[str], None]) -> int | None:
+def plan_memory(
+    config: PeerConfig, span: Span, dtype: torch.dtype, model_id: str, say: Callable[[str], None]
+) -> int | None:
     """Say what `span` will take and check that it fits (ConfigError if not); returns the KV budget in
     bytes, None for "auto" (decided once the weights are loaded)."""
     memory = span_memory(config.model_path, span, dtype)
@@ -42,8 +44,14 @@ def plan_memory(config: PeerConfig, span: Span, dtype: torch.dtype, model_id: st
     return planned
 
 
-def build_stack(config: PeerConfig, span_model: SpanModel, model_config, planned: int | None, batch_wait_s: float,
-                say: Callable[[str], None]) -> SpanStack:
+def build_stack(
+    config: PeerConfig,
+    span_model: SpanModel,
+    model_config,
+    planned: int | None,
+    batch_wait_s: float,
+    say: Callable[[str], None],
+) -> SpanStack:
     """The budget, scheduler and sessions of a loaded span; `planned` None = "auto" (most of the memory the
     weights left free, minus room for activations)."""
     span = span_model.span
@@ -53,12 +61,18 @@ def build_stack(config: PeerConfig, span_model: SpanModel, model_config, planned
         say(f"KV cache budget: {fmt(planned)} ({planned // span_token_bytes} token slots)")
     budget = KVBudget(planned, config.page_tokens)
     scheduler = Scheduler(
-        span_model, max_batch_tokens=config.max_batch_tokens, prefill_chunk_tokens=config.prefill_chunk_tokens,
-        batch_wait_s=batch_wait_s, max_memory_wait_s=config.admission_timeout_s,
+        span_model,
+        max_batch_tokens=config.max_batch_tokens,
+        prefill_chunk_tokens=config.prefill_chunk_tokens,
+        batch_wait_s=batch_wait_s,
+        max_memory_wait_s=config.admission_timeout_s,
     )
     sessions = SessionManager(
-        config, budget, span_token_bytes,
+        config,
+        budget,
+        span_token_bytes,
         new_cache=lambda rows, length, blocks: span_model.new_cache(rows, length, budget, blocks),
-        release=scheduler.release, memory_waiters=lambda: scheduler.memory_waiters,
+        release=scheduler.release,
+        memory_waiters=lambda: scheduler.memory_waiters,
     )
     return SpanStack(span_model, budget, scheduler, sessions)

@@ -49,7 +49,9 @@ def device_name(device: torch.device) -> str:
     model = platform.processor() or ""
     try:
         with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+            model = next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model
+            )
     except OSError:
         pass
     return f"cpu:{model or 'unknown'}:{platform.machine()}"
@@ -98,7 +100,9 @@ class ThroughputCache:
         newest = sorted(entries.items(), key=lambda kv: -_measured_at(kv[1]))[:MAX_ENTRIES]
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", dir=self.path.parent, prefix=".throughput-", delete=False) as f:
+            with tempfile.NamedTemporaryFile(
+                "w", dir=self.path.parent, prefix=".throughput-", delete=False
+            ) as f:
                 json.dump({"version": 1, "entries": dict(newest)}, f, indent=1, sort_keys=True)
             os.replace(f.name, self.path)
         except OSError as e:
@@ -110,7 +114,9 @@ def _measured_at(entry: object) -> float:
     return float(value) if type(value) in (int, float) else 0.0
 
 
-def measure_span(span_model, hidden_size: int, rows: int = MEASURE_ROWS, repeats: int = MEASURE_REPEATS) -> float:
+def measure_span(
+    span_model, hidden_size: int, rows: int = MEASURE_ROWS, repeats: int = MEASURE_REPEATS
+) -> float:
     """Per-block tokens/s of the whole loaded span: `rows` single-token steps batched on a scratch cache,
     the best of `repeats` runs (the first also warms up kernels). Runs on the caller's thread."""
     hidden = torch.zeros(rows, 1, hidden_size)  # [rows, tokens=1, hidden]

@@ -22,14 +22,30 @@ from peer.rebalance import place_on_join, typical_tokens_s
 from swarm.records import BlockRecord, BlockState
 from swarm.spans import Span
 
-ONLINE, JOINING, DRAINING, OFFLINE = BlockState.ONLINE, BlockState.JOINING, BlockState.DRAINING, BlockState.OFFLINE
+ONLINE, JOINING, DRAINING, OFFLINE = (
+    BlockState.ONLINE,
+    BlockState.JOINING,
+    BlockState.DRAINING,
+    BlockState.OFFLINE,
+)
 
 
 def record(start: int, end: int, state=ONLINE, per_block_tokens_s: float = 100.0, **fields) -> BlockRecord:
     return BlockRecord(
-        model_id="m", block=start, state=state, start=start, end=end, software_version="0.1.0", protocol=1,
-        dtype="float32", block_hash="ab" * 16, compute_tokens_s=per_block_tokens_s, network_mbps=0.0,
-        cache_tokens_left=100, drain_deadline=1.8e9 if state == DRAINING else None, **fields,
+        model_id="m",
+        block=start,
+        state=state,
+        start=start,
+        end=end,
+        software_version="0.1.0",
+        protocol=1,
+        dtype="float32",
+        block_hash="ab" * 16,
+        compute_tokens_s=per_block_tokens_s,
+        network_mbps=0.0,
+        cache_tokens_left=100,
+        drain_deadline=1.8e9 if state == DRAINING else None,
+        **fields,
     )
 
 
@@ -50,13 +66,16 @@ def test_span_throughput_is_the_per_block_figure_over_the_span_length():
     assert peer_view("a", record(0, 4, per_block_tokens_s=100.0)).span_tokens_s == 25.0
 
 
-@pytest.mark.parametrize(("state", "extra", "counts_on"), [
-    (ONLINE, {}, Span(2, 4)),
-    (JOINING, {}, Span(2, 4)),  # it announced its span before loading: it counts, so joiners see it
-    (DRAINING, {}, None),  # leaving
-    (DRAINING, {"next_start": 0, "next_end": 2}, Span(0, 2)),  # moving: counts where it goes
-    (OFFLINE, {}, None),
-])
+@pytest.mark.parametrize(
+    ("state", "extra", "counts_on"),
+    [
+        (ONLINE, {}, Span(2, 4)),
+        (JOINING, {}, Span(2, 4)),  # it announced its span before loading: it counts, so joiners see it
+        (DRAINING, {}, None),  # leaving
+        (DRAINING, {"next_start": 0, "next_end": 2}, Span(0, 2)),  # moving: counts where it goes
+        (OFFLINE, {}, None),
+    ],
+)
 def test_joining_counts_draining_counts_only_where_it_moves(state, extra, counts_on):
     assert peer_view("a", record(2, 4, state, **extra)).counts_on == counts_on
 
@@ -65,11 +84,16 @@ def test_snapshot_takes_each_peers_record_that_expires_last():
     """A peer that moved from 0:2 to 2:4 still has stale records of 0:2 until they expire."""
     stale, fresh = record(0, 2, DRAINING, next_start=2, next_end=4), record(2, 4, ONLINE)
     entries = {
-        0: {"a": (stale, 100.0)}, 1: {"a": (stale, 100.0)},
-        2: {"a": (fresh, 130.0), "b": (record(2, 4), 120.0)}, 3: {"a": (fresh, 130.0)},
+        0: {"a": (stale, 100.0)},
+        1: {"a": (stale, 100.0)},
+        2: {"a": (fresh, 130.0), "b": (record(2, 4), 120.0)},
+        3: {"a": (fresh, 130.0)},
     }
     s = snapshot_of(entries, 4)
-    assert [(p.peer_id, p.state, p.counts_on) for p in s.peers] == [("a", ONLINE, Span(2, 4)), ("b", ONLINE, Span(2, 4))]
+    assert [(p.peer_id, p.state, p.counts_on) for p in s.peers] == [
+        ("a", ONLINE, Span(2, 4)),
+        ("b", ONLINE, Span(2, 4)),
+    ]
     assert coverage(s) == [0.0, 0.0, 100.0, 100.0]
 
 
@@ -147,11 +171,13 @@ class FakeDHT:
     def announcer(self, peer_id: str):
         async def announce(span: Span) -> None:
             self.views[peer_id] = view(peer_id, span.start, span.end, JOINING)
+
         return announce
 
 
 def test_peers_started_at_the_same_instant_spread_over_the_model():
     """Three peers read an empty swarm at the same time; after their jittered re-reads they cover it."""
+
     async def scenario(seed: int) -> dict[str, Span]:
         dht, rng = FakeDHT(6), random.Random(seed)
         first = await dht.read()
@@ -160,9 +186,12 @@ def test_peers_started_at_the_same_instant_spread_over_the_model():
             assert 0.5 <= seconds <= 1.0  # [jitter/2, jitter]
             await asyncio.sleep(seconds / 100)  # the three re-read in a random order
 
-        chosen = await asyncio.gather(*(
-            place_on_join(first, dht.read, dht.announcer(p), p, 2, 1.0, rng, sleep) for p in ("Qa", "Qb", "Qc")
-        ))
+        chosen = await asyncio.gather(
+            *(
+                place_on_join(first, dht.read, dht.announcer(p), p, 2, 1.0, rng, sleep)
+                for p in ("Qa", "Qb", "Qc")
+            )
+        )
         return dict(zip(("Qa", "Qb", "Qc"), chosen, strict=True))
 
     for seed in range(8):
@@ -175,14 +204,20 @@ def test_without_jitter_the_first_choice_stands():
     dht = FakeDHT(4)
 
     async def go():
-        return await place_on_join(await dht.read(), dht.read, dht.announcer("a"), "a", 2, 0.0, random.Random(0))
+        return await place_on_join(
+            await dht.read(), dht.read, dht.announcer("a"), "a", 2, 0.0, random.Random(0)
+        )
 
     assert asyncio.run(go()) == Span(0, 2) and dht.views["a"].span == Span(0, 2)
 
 
 def test_a_joining_peer_of_unknown_speed_announces_a_typical_one():
-    s = snap(4, view("a", 0, 2, span_tokens_s=50.0), view("b", 2, 4, span_tokens_s=200.0),
-             view("c", 0, 4, DRAINING, span_tokens_s=1e6))
+    s = snap(
+        4,
+        view("a", 0, 2, span_tokens_s=50.0),
+        view("b", 2, 4, span_tokens_s=200.0),
+        view("c", 0, 4, DRAINING, span_tokens_s=1e6),
+    )
     assert typical_tokens_s(s) == pytest.approx(250.0)  # median of 100 and 400 per block; draining left out
     assert typical_tokens_s(snap(4)) == 1.0
 

@@ -1,4 +1,4 @@
-"""Rebalancing decisions (peer.placement.rebalance_target) and the rebalancing loop (peer.rebalance.Rebalancer)
+"""Rebalancing: the decision (peer.placement.rebalance_target) and the loop (peer.rebalance.Rebalancer),
 with a virtual clock and seeded randomness: pure, no network. The real move (drain, load, announce) with
 real processes is in test_rebalance_swarm.py."""
 
@@ -19,8 +19,9 @@ from swarm.spans import Span
 ONLINE, JOINING, DRAINING = BlockState.ONLINE, BlockState.JOINING, BlockState.DRAINING
 
 
-def view(peer_id: str, start: int, end: int, state=ONLINE, tokens_s: float = 10.0,
-         next_span: Span | None = None) -> PeerView:
+def view(
+    peer_id: str, start: int, end: int, state=ONLINE, tokens_s: float = 10.0, next_span: Span | None = None
+) -> PeerView:
     span = Span(start, end)
     counts = span if state in (ONLINE, JOINING) else next_span
     return PeerView(peer_id, state, span, counts, tokens_s)
@@ -151,8 +152,14 @@ class FakeSwarm:
             await self.clock.sleep(self.load_s)
             self.views[peer_id] = view(peer_id, target.start, target.end, ONLINE, v.span_tokens_s)
 
-        return Rebalancer(read=self.read, position=position, move=move, rng=random.Random(seed),
-                          sleep=self.clock.sleep, **({"period_s": 60.0, "margin": 0.2, "delay_s": 10.0} | settings))
+        return Rebalancer(
+            read=self.read,
+            position=position,
+            move=move,
+            rng=random.Random(seed),
+            sleep=self.clock.sleep,
+            **({"period_s": 60.0, "margin": 0.2, "delay_s": 10.0} | settings),
+        )
 
 
 def run_for(clock: VirtualClock, rebalancers: list[Rebalancer], seconds: float) -> None:

@@ -50,8 +50,18 @@ def cache_dir(tmp_path, monkeypatch):
 
 def start_auto_peer(swarm: LocalSwarm, name: str, *extra: str) -> Proc:
     """`swarm peer` without --blocks (LocalSwarm.start_peer always passes a span)."""
-    proc = spawn(name, ["peer", "--model", swarm.model_path, "--initial-peers", *swarm.initial_peers,
-                        *swarm.peer_args, *extra])
+    proc = spawn(
+        name,
+        [
+            "peer",
+            "--model",
+            swarm.model_path,
+            "--initial-peers",
+            *swarm.initial_peers,
+            *swarm.peer_args,
+            *extra,
+        ],
+    )
     swarm.procs.append(proc)
     swarm.peers[name] = proc
     return proc
@@ -83,9 +93,23 @@ class AtToken(BaseStreamer):
 
 def test_peers_started_together_spread_over_the_model(model_path, expected, cache_dir):
     with LocalSwarm(str(model_path)) as swarm:
-        procs = [start_auto_peer(swarm, f"auto{i}", "--num-blocks", "2", "--model-id", "spread",
-                                 "--join-jitter-s", "2", "--rebalance-period-s", "0",
-                                 "--network-probe-period-s", "1") for i in range(3)]
+        procs = [
+            start_auto_peer(
+                swarm,
+                f"auto{i}",
+                "--num-blocks",
+                "2",
+                "--model-id",
+                "spread",
+                "--join-jitter-s",
+                "2",
+                "--rebalance-period-s",
+                "0",
+                "--network-probe-period-s",
+                "1",
+            )
+            for i in range(3)
+        ]
         ready = [ready_fields(swarm, p) for p in procs]
         spans = sorted(fields["blocks"] for fields in ready)
         assert set(spans) == {"0:2", "2:4"}, spans  # covered, and the third is a replica of either half
@@ -104,9 +128,15 @@ def test_peers_started_together_spread_over_the_model(model_path, expected, cach
                 assert time.monotonic() < deadline, f"round trips not announced in time: {announced}"
                 time.sleep(0.5)
             assert all(0 < rtt < 5000 for rtt in announced.values()), announced
-            info = loop.run(transport.request(ready[0]["peer_id"], ready[0]["addrs"].split(","), INFO_HANDLER,
-                                              {"type": "info"}, 10), 30)
-            assert info["throughput"]["network"]["samples"] >= 1 and info["throughput"]["compute_tokens_s"] > 0
+            info = loop.run(
+                transport.request(
+                    ready[0]["peer_id"], ready[0]["addrs"].split(","), INFO_HANDLER, {"type": "info"}, 10
+                ),
+                30,
+            )
+            assert (
+                info["throughput"]["network"]["samples"] >= 1 and info["throughput"]["compute_tokens_s"] > 0
+            )
         finally:
             client.shutdown()
             loop.run(transport.shutdown(), 30)
@@ -120,9 +150,22 @@ def start_mover(swarm: LocalSwarm, model_id: str) -> tuple[Proc, dict[str, str]]
     """A peer on 2:4, then a peer without --blocks (it takes 0:2, where nobody is) that checks every ~2 s
     whether to move."""
     swarm.start_peer("2:4", extra=["--model-id", model_id])
-    mover = start_auto_peer(swarm, "mover", "--model-id", model_id, "--num-blocks", "2",
-                            "--rebalance-period-s", "2", "--rebalance-delay-s", "0.5", "--rebalance-margin", "0.2",
-                            "--drain-grace-s", "30")
+    mover = start_auto_peer(
+        swarm,
+        "mover",
+        "--model-id",
+        model_id,
+        "--num-blocks",
+        "2",
+        "--rebalance-period-s",
+        "2",
+        "--rebalance-delay-s",
+        "0.5",
+        "--rebalance-margin",
+        "0.2",
+        "--drain-grace-s",
+        "30",
+    )
     fields = ready_fields(swarm, mover)
     assert fields["blocks"] == "0:2"  # the blocks nobody served
     return mover, fields
@@ -136,22 +179,30 @@ def test_a_peer_moves_while_a_session_runs_on_it(model_path, expected, cache_dir
         client = client_for(model_path, swarm, model_id)
         transport = loop.run(HivemindTransport.create(swarm.initial_peers), 60)
         try:
+
             def crowd_its_blocks():
-                # two more peers on 0:2: the mover is now worth more on 2:4, and moves while our session is on it
+                # two more peers on 0:2: the mover is now worth more on 2:4, and moves with our session on it
                 assert session.route[0].peer_id == fields["peer_id"]
                 swarm.start_peers(["0:2", "0:2"], extra=common)
                 line = wait_line(mover, "moving: draining blocks 0:2 (1 sessions open), then loading 2:4", 30)
                 assert line
 
             with client.inference_session(max_length=32) as session:
-                out = client.generate(PROMPT, max_new_tokens=NEW_TOKENS, streamer=AtToken(3, crowd_its_blocks),
-                                      **GREEDY)
-                assert session.recoveries >= 1 and fields["peer_id"] not in {h.peer_id for h in session.route[:1]}
+                out = client.generate(
+                    PROMPT, max_new_tokens=NEW_TOKENS, streamer=AtToken(3, crowd_its_blocks), **GREEDY
+                )
+                assert session.recoveries >= 1 and fields["peer_id"] not in {
+                    h.peer_id for h in session.route[:1]
+                }
             assert torch.equal(out, expected)
 
             wait_line(mover, "online: serving blocks 2:4", 60)
-            info = loop.run(transport.request(fields["peer_id"], fields["addrs"].split(","), INFO_HANDLER,
-                                              {"type": "info"}, 10), 30)
+            info = loop.run(
+                transport.request(
+                    fields["peer_id"], fields["addrs"].split(","), INFO_HANDLER, {"type": "info"}, 10
+                ),
+                30,
+            )
             assert info["span"] == [2, 4] and info["state"] == "online", info
             deadline = time.monotonic() + 15
             while True:  # the DHT says so too
@@ -174,6 +225,7 @@ def test_sigterm_during_a_move_drains_and_leaves_instead(model_path, expected, c
         mover, fields = start_mover(swarm, model_id)
         client = client_for(model_path, swarm, model_id)
         try:
+
             def crowd_then_terminate():
                 swarm.start_peers(["0:2", "0:2"], extra=["--model-id", model_id])
                 wait_line(mover, "moving: draining blocks 0:2 (1 sessions open)", 30)
@@ -181,8 +233,9 @@ def test_sigterm_during_a_move_drains_and_leaves_instead(model_path, expected, c
                 wait_line(mover, "draining: leaving within 30 s", 10)
 
             with client.inference_session(max_length=32):
-                out = client.generate(PROMPT, max_new_tokens=NEW_TOKENS, streamer=AtToken(3, crowd_then_terminate),
-                                      **GREEDY)
+                out = client.generate(
+                    PROMPT, max_new_tokens=NEW_TOKENS, streamer=AtToken(3, crowd_then_terminate), **GREEDY
+                )
             assert torch.equal(out, expected)
             assert mover.popen.wait(30) == 0
             output = "".join(mover.output)

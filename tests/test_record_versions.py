@@ -31,9 +31,20 @@ SCHEMA_1_0_COMMIT = "4eba106"  # the last commit whose swarm/records.py wrote sc
 REPO = Path(__file__).resolve().parent.parent
 
 RECORD = BlockRecord(
-    model_id="tiny-llama", block=2, state=BlockState.ONLINE, start=1, end=4, software_version="0.1.0",
-    protocol=1, dtype="float32", block_hash="ab" * 16, compute_tokens_s=900.0, network_mbps=250.0,
-    cache_tokens_left=1024, addrs=("/ip4/127.0.0.1/tcp/4001",), rtt_ms=12.5,
+    model_id="tiny-llama",
+    block=2,
+    state=BlockState.ONLINE,
+    start=1,
+    end=4,
+    software_version="0.1.0",
+    protocol=1,
+    dtype="float32",
+    block_hash="ab" * 16,
+    compute_tokens_s=900.0,
+    network_mbps=250.0,
+    cache_tokens_left=1024,
+    addrs=("/ip4/127.0.0.1/tcp/4001",),
+    rtt_ms=12.5,
 )
 
 
@@ -41,8 +52,12 @@ RECORD = BlockRecord(
 def old():
     """The schema 1.0 `swarm.records` module, loaded under another name beside today's."""
     try:
-        source = subprocess.run(["git", "-C", str(REPO), "show", f"{SCHEMA_1_0_COMMIT}:swarm/records.py"],
-                                check=True, capture_output=True, text=True).stdout
+        source = subprocess.run(
+            ["git", "-C", str(REPO), "show", f"{SCHEMA_1_0_COMMIT}:swarm/records.py"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
     except (OSError, subprocess.CalledProcessError) as e:
         pytest.skip(f"git history with commit {SCHEMA_1_0_COMMIT} is not available: {e}")
     assert "SCHEMA_VERSION = 1\n" in source and "SCHEMA_MINOR" not in source
@@ -69,7 +84,9 @@ def test_a_schema_1_2_record_says_its_minor():
 
 
 def test_an_old_reader_decodes_a_new_record_to_the_fields_it_knows(old):
-    moving = dataclasses.replace(RECORD, state=BlockState.DRAINING, drain_deadline=1.8e9, next_start=0, next_end=3)
+    moving = dataclasses.replace(
+        RECORD, state=BlockState.DRAINING, drain_deadline=1.8e9, next_start=0, next_end=3
+    )
     for record in (RECORD, moving):
         decoded = old.decode_record(MSGPackSerializer.loads(MSGPackSerializer.dumps(record.to_wire())))
         known = {f.name for f in dataclasses.fields(decoded)}
@@ -82,8 +99,10 @@ def test_an_old_reader_decodes_a_new_record_to_the_fields_it_knows(old):
 def test_an_old_dht_validator_accepts_a_new_record(old, alice):
     key = block_key(RECORD.model_id, RECORD.block)
     record = DHTRecord(
-        key=DHTID.generate(source=key).to_bytes(), subkey=MSGPackSerializer.dumps(record_subkey(RECORD, alice)),
-        value=MSGPackSerializer.dumps(RECORD.to_wire()), expiration_time=get_dht_time() + 30,
+        key=DHTID.generate(source=key).to_bytes(),
+        subkey=MSGPackSerializer.dumps(record_subkey(RECORD, alice)),
+        value=MSGPackSerializer.dumps(RECORD.to_wire()),
+        expiration_time=get_dht_time() + 30,
     )
     assert old.SwarmRecordValidator().validate(record)
     assert records.SwarmRecordValidator().validate(record)
@@ -105,7 +124,9 @@ def test_a_newer_minor_decodes_its_known_fields():
 
 
 def test_a_newer_major_is_refused_with_a_clear_error():
-    with pytest.raises(VersionMismatch, match="schema v2 is newer than the v1 this software reads; upgrade swarm"):
+    with pytest.raises(
+        VersionMismatch, match="schema v2 is newer than the v1 this software reads; upgrade swarm"
+    ):
         decode_record(RECORD.to_wire() | {"v": 2})
 
 
@@ -115,13 +136,19 @@ def test_a_malformed_minor_is_refused(minor):
         decode_record(RECORD.to_wire() | {"minor": minor})
 
 
-@pytest.mark.parametrize(("changes", "problem"), [
-    ({"next_start": 1}, "come together"),
-    ({"next_start": 3, "next_end": 3, "state": BlockState.DRAINING, "drain_deadline": 1.8e9}, "must be < next_end"),
-    ({"next_start": 0, "next_end": 2}, "only announced while the state is 'draining'"),
-    ({"rtt_ms": -1.0}, "rtt_ms"),
-    ({"rtt_ms": float("nan")}, "rtt_ms"),
-])
+@pytest.mark.parametrize(
+    ("changes", "problem"),
+    [
+        ({"next_start": 1}, "come together"),
+        (
+            {"next_start": 3, "next_end": 3, "state": BlockState.DRAINING, "drain_deadline": 1.8e9},
+            "must be < next_end",
+        ),
+        ({"next_start": 0, "next_end": 2}, "only announced while the state is 'draining'"),
+        ({"rtt_ms": -1.0}, "rtt_ms"),
+        ({"rtt_ms": float("nan")}, "rtt_ms"),
+    ],
+)
 def test_the_new_fields_are_checked(changes, problem):
     wire = RECORD.to_wire() | {k: (v.value if isinstance(v, BlockState) else v) for k, v in changes.items()}
     with pytest.raises(ProtocolError, match=problem):
@@ -129,12 +156,25 @@ def test_the_new_fields_are_checked(changes, problem):
 
 
 def test_records_of_a_span_a_peer_left_are_dropped_once_it_announced_another():
-    moved_from = dataclasses.replace(RECORD, block=0, start=0, end=2, state=BlockState.DRAINING,
-                                     drain_deadline=1.8e9, next_start=1, next_end=4, rtt_ms=None)
+    moved_from = dataclasses.replace(
+        RECORD,
+        block=0,
+        start=0,
+        end=2,
+        state=BlockState.DRAINING,
+        drain_deadline=1.8e9,
+        next_start=1,
+        next_end=4,
+        rtt_ms=None,
+    )
     now_on = [dataclasses.replace(RECORD, block=b) for b in (1, 2, 3)]
     other = dataclasses.replace(RECORD, block=0, start=0, end=1)
-    entries = {0: {"a": (moved_from, 100.0), "b": (other, 50.0)}, 1: {"a": (now_on[0], 130.0)},
-               2: {"a": (now_on[1], 130.0)}, 3: {"a": (now_on[2], 130.0)}}
+    entries = {
+        0: {"a": (moved_from, 100.0), "b": (other, 50.0)},
+        1: {"a": (now_on[0], 130.0)},
+        2: {"a": (now_on[1], 130.0)},
+        3: {"a": (now_on[2], 130.0)},
+    }
     kept = records.drop_stale_spans(entries)
     assert kept[0] == {"b": (other, 50.0)}  # a's stale 0:2 record is gone, b's (its only span) stays
     assert [kept[b]["a"][0] for b in (1, 2, 3)] == now_on

@@ -30,17 +30,30 @@ def test_a_figure_is_cached_per_key(tmp_path):
     assert cache.get(KEY) is None
     cache.put(KEY, 1234.5)
     assert ThroughputCache(cache.path).get(KEY) == 1234.5  # a new process reads it back
-    for other in (ThroughputKey("cuda:NVIDIA H100", "float32", "ab" * 16, 0), ThroughputKey(KEY.device, "bfloat16", "ab" * 16, 1),
-                  ThroughputKey(KEY.device, "float32", "cd" * 16, 1), ThroughputKey(KEY.device, "float32", "ab" * 16, 2),
-                  ThroughputKey(KEY.device, "float32", "ab" * 16, 1, method="other-method")):
+    for other in (
+        ThroughputKey("cuda:NVIDIA H100", "float32", "ab" * 16, 0),
+        ThroughputKey(KEY.device, "bfloat16", "ab" * 16, 1),
+        ThroughputKey(KEY.device, "float32", "cd" * 16, 1),
+        ThroughputKey(KEY.device, "float32", "ab" * 16, 2),
+        ThroughputKey(KEY.device, "float32", "ab" * 16, 1, method="other-method"),
+    ):
         assert cache.get(other) is None, other
     cache.put(ThroughputKey(KEY.device, "bfloat16", "ab" * 16, 1), 99.0)
     assert cache.get(KEY) == 1234.5  # entries of other keys survive a write
     assert json.loads(cache.path.read_text())["version"] == 1
 
 
-@pytest.mark.parametrize("content", ["{not json", "[]", '{"entries": 5}', '{"entries": {"%s": {"tokens_s": "fast"}}}',
-                                     '{"entries": {"%s": {"tokens_s": -1}}}', '{"entries": {"%s": {"tokens_s": NaN}}}'])
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{not json",
+        "[]",
+        '{"entries": 5}',
+        '{"entries": {"%s": {"tokens_s": "fast"}}}',
+        '{"entries": {"%s": {"tokens_s": -1}}}',
+        '{"entries": {"%s": {"tokens_s": NaN}}}',
+    ],
+)
 def test_a_broken_cache_file_is_an_empty_cache_and_is_rewritten(tmp_path, content):
     path = tmp_path / "throughput.json"
     path.write_text(content.replace("%s", KEY.text()))
