@@ -27,7 +27,7 @@ import torch
 from bench_decode import add_model_args, finish_model_args, machine_info, prepare_model
 
 from swarm.runtime import SpanModel, load_span
-from swarm.runtime.span import Segment
+from swarm.runtime.batch import Segment
 from swarm.spans import Span
 
 

@@ -47,8 +47,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from swarm.runtime.batch import Segment
 from swarm.runtime.cache import CacheFull, KVCache
-from swarm.runtime.span import Segment, SpanModel
+from swarm.runtime.span import SpanModel
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from peer.scheduler import QUIET_FRACTION, Scheduler
 from peer.sessions import SessionManager
 from swarm.errors import PeerRefused
 from swarm.runtime import CacheFull, KVBudget, SpanModel, load_span
-from swarm.runtime.span import Segment
+from swarm.runtime.batch import Segment
 from swarm.spans import Span
 
 HIDDEN = 64  # swarm.tiny's hidden size
@@ -557,7 +557,7 @@ def test_flash_arguments_name_each_rows_region_and_pad_with_the_sink(span_models
     """The varlen flash path's arguments (built on the CPU too, used on CUDA): one sequence per row of each
     segment, its queries the step's tokens, its keys its row's region up to the end of the step; graph
     padding rows query the sink slot alone."""
-    from swarm.runtime.span import _FlashBatch
+    from swarm.runtime.batch import FlashBatch
 
     model = span_models("llama")
     a, b = model.new_cache(1, 64), model.new_cache(2, 64)
@@ -567,8 +567,8 @@ def test_flash_arguments_name_each_rows_region_and_pad_with_the_sink(span_models
         segment = Segment(cache, *step_inputs(cache.rows, new, 0))
         cache.begin(segment.valid)
         segments.append(segment)
-    meta, max_q, max_k = _FlashBatch.meta(segments, rows=5, sink=999)
-    flash = _FlashBatch(meta, 5, max_q, max_k)
+    meta, max_q, max_k = FlashBatch.meta(segments, rows=5, sink=999)
+    flash = FlashBatch(meta, 5, max_q, max_k)
     assert flash.cu_q.tolist() == [0, 3, 4, 5, 6, 7]
     assert flash.cu_k.tolist()[:5] == [a.region.start, b.region.start, b.region.start + b.capacity, 999, 999]
     assert flash.used.tolist() == [3, 1, 1, 1, 1] and (max_q, max_k) == (3, 3)

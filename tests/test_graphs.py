@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from swarm.runtime import SpanModel, load_span
-from swarm.runtime.span import Segment
+from swarm.runtime.batch import Segment
 from swarm.spans import Span
 
 HIDDEN = 64

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from swarm.runtime.batch import FlashBatch, Step
+
 logger = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -42,7 +44,7 @@ class GraphState:
     position_ids: torch.Tensor  # [1, rows]
     meta: torch.Tensor  # int32 [rows + 1 (cu_q) | rows + 1 (region starts) | rows (used)]
     write_index: torch.Tensor  # [rows] int64: the pool slot each row writes
-    flash: object  # swarm.runtime.span._FlashBatch over `meta`
+    flash: FlashBatch  # over `meta`
     graph: torch.cuda.CUDAGraph | None = None
     out: torch.Tensor | None = None
 
@@ -95,12 +97,10 @@ class DecodeGraphs:
         return state.out[0, :rows].clone()
 
     def _fill(self, state: GraphState, segments, rows: int, pool) -> None:
-        from swarm.runtime.span import _FlashBatch
-
         spare = state.rows - rows
         hidden = torch.cat([s.hidden for s in segments]).view(rows, -1)  # decode steps: [rows, 1, hidden] each
         positions = torch.cat([s.position_ids for s in segments]).view(rows)
-        meta, _, _ = _FlashBatch.meta(segments, state.rows, pool.sink)
+        meta, _, _ = FlashBatch.meta(segments, state.rows, pool.sink)
         slots = torch.tensor([i for s in segments for i in s.cache.slots()] + [pool.sink] * spare)
         state.meta.copy_(meta, non_blocking=True)  # spare rows: attend to the sink slot alone, write there
         state.write_index.copy_(slots, non_blocking=True)
@@ -110,21 +110,19 @@ class DecodeGraphs:
         state.position_ids[0, rows:].zero_()
 
     def _record(self, pool, rows: int) -> GraphState:
-        from swarm.runtime.span import _FlashBatch, _Step
-
         model, device = self.model, self.model.device
-        meta, _, _ = _FlashBatch.meta([], rows, pool.sink)
+        meta, _, _ = FlashBatch.meta([], rows, pool.sink)
         meta = meta.to(device)
         state = GraphState(
             generation=pool.generation, rows=rows,
             hidden=torch.zeros(1, rows, model.config.hidden_size, dtype=model.dtype, device=device),
             position_ids=torch.zeros(1, rows, dtype=torch.long, device=device),
             meta=meta, write_index=torch.full((rows,), pool.sink, dtype=torch.long, device=device),
-            flash=_FlashBatch(meta, rows, max_q=1, max_k=pool.slots + 1),
+            flash=FlashBatch(meta, rows, max_q=1, max_k=pool.slots + 1),
         )
 
         def step() -> torch.Tensor:
-            return model._layers(state.hidden, state.position_ids, _Step(model, pool, state.write_index, state.flash),
+            return model._layers(state.hidden, state.position_ids, Step(model, pool, state.write_index, state.flash),
                                  pool.span)
 
         start = time.perf_counter()
