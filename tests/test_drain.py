@@ -29,6 +29,7 @@ from peer.config import PeerConfig
 from peer.drain import DrainController, fetch_notice
 from peer.sessions import SessionManager
 from swarm.runtime import KVBudget
+from swarm.runtime.cache import KVCache, KVPool
 from swarm.errors import ConfigError
 from swarm.protocol import (
     ERROR_DRAINING,
@@ -126,7 +127,10 @@ class StandInServer:
         self.state = "online"
         self.drain_deadline: float | None = None
         self.announced: list[str] = []
-        self.sessions = SessionManager(config, KVBudget(1 << 30), 1, new_cache=lambda *a: None, release=lambda cache: None)
+        budget = KVBudget(1 << 30)
+        self.sessions = SessionManager(config, budget, 1, new_cache=lambda rows, length, blocks: KVCache(
+            Span(*blocks), rows, length, 1, budget, KVPool(Span(*blocks), 1, 1, torch.float32, "cpu")),
+            release=lambda cache: None)
         self.announcer = self
 
     def begin_drain(self, deadline: float) -> None:
