@@ -19,8 +19,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--model-id", help="the model id peers announce (default: the folder's name)")
     p.add_argument("--wait-for-route", type=float, default=30.0, help="seconds to wait for missing blocks")
+    p.add_argument("--local-blocks", type=_block_counts, default=(0, 0), metavar="FIRST,LAST",
+                   help="run the first FIRST and last LAST blocks here: no peer sees the tokens' embeddings or "
+                        "the final hidden states (e.g. 1,1)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
+
+
+def _block_counts(text: str) -> tuple[int, int]:
+    try:
+        first, last = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected FIRST,LAST block counts, e.g. 1,1") from None
+    return first, last
 
 
 def generate_main(argv: list[str]) -> int:
@@ -43,7 +54,8 @@ def run_generate(args: argparse.Namespace) -> None:
     config = ClientConfig(
         initial_peers=tuple(args.initial_peers), model_id=args.model_id, wait_for_route_s=args.wait_for_route
     )
-    model = DistributedModelForCausalLM.from_pretrained(args.model, client_config=config)
+    model = DistributedModelForCausalLM.from_pretrained(args.model, client_config=config,
+                                                        local_blocks=args.local_blocks)
     try:
         inputs = tokenizer(args.prompt, return_tensors="pt")
         sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.temperature > 0 else {}

@@ -28,9 +28,9 @@ from client.session import InferenceSession
 from client.swarmview import LatencyTable, SnapshotCache
 from client.transport import HivemindTransport
 from swarm.errors import ConfigError, SessionError
-from swarm.runtime import load_client_head
+from swarm.runtime import SpanModel, load_client_head, load_span
 from swarm.runtime.loading import quiet_progress_bars
-from swarm.spans import check_model_id, default_model_id
+from swarm.spans import Span, check_model_id, default_model_id
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self._transport: HivemindTransport | None = None
         self._transport_lock: asyncio.Lock | None = None  # made on the client loop, where it is used
         self._session: InferenceSession | None = None
+        # blocks run here instead of on peers (from_pretrained's local_blocks): the first and the last span
+        self.local_spans: tuple[SpanModel | None, SpanModel | None] = (None, None)
+        self.remote = Span(0, self.num_blocks)  # the blocks peers serve for this client
         self.latencies = LatencyTable()
         self.snapshots = SnapshotCache()
         self.bans = BanList(self.client_config.ban_policy)
@@ -72,8 +75,13 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         client_config: ClientConfig | None = None,
+        local_blocks: tuple[int, int] = (0, 0),
     ) -> DistributedModelForCausalLM:
-        """Load the local parts of the checkpoint at `path` and attach to the swarm through `initial_peers`."""
+        """Load the local parts of the checkpoint at `path` and attach to the swarm through `initial_peers`.
+
+        `local_blocks=(k_first, k_last)`: run the model's first k_first and last k_last blocks here, so no peer
+        sees the embeddings' output (the tokens) or the last hidden states (what the head turns into the
+        next token); peers serve only the blocks between. Exact: the same block code as the peers'."""
         path = Path(path)
         if not path.is_dir():
             raise ConfigError(f"{path}: no such model folder (the client needs config.json and the checkpoint)")
@@ -86,12 +94,26 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             head = load_client_head(path, dtype=dtype, device=device)
         mid = check_model_id(model_id or client_config.model_id or default_model_id(str(path)))
         model = cls(head.config, head, client_config, mid)
+        model._load_local_blocks(path, local_blocks, dtype, device)
         if (path / "generation_config.json").is_file():
             model.generation_config = GenerationConfig.from_pretrained(str(path))
         else:
             model.generation_config = GenerationConfig.from_model_config(head.config)
         model.eval()
         return model
+
+    def _load_local_blocks(self, path: Path, local_blocks: tuple[int, int], dtype, device) -> None:
+        first, last = local_blocks
+        if type(first) is not int or type(last) is not int or first < 0 or last < 0:
+            raise ConfigError(f"local_blocks={local_blocks!r}: expected two block counts >= 0")
+        if first + last >= self.num_blocks:
+            raise ConfigError(f"local_blocks={local_blocks!r} leaves no block of the {self.num_blocks} to the swarm; "
+                              "run the model with transformers locally instead")
+        bounds = ((0, first), (self.num_blocks - last, self.num_blocks))
+        with quiet_progress_bars():
+            self.local_spans = tuple(SpanModel(load_span(path, Span(a, b), dtype=dtype, device=device)) if b > a
+                                     else None for a, b in bounds)
+        self.remote = Span(first, self.num_blocks - last)
 
     # ------------------------------------------------------------ network
 

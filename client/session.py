@@ -79,6 +79,7 @@ class InferenceSession:
         self.call_start = 0
         self.hops: list[HopState] = []
         self.recoveries = 0  # hops replaced so far (failures and drains), for logs and tests
+        self.local_caches: list = [None, None]  # of the blocks run here (model.local_spans), made on first use
         self.closed = False
 
     @property
@@ -111,10 +112,30 @@ class InferenceSession:
             raise SessionError(f"batch size changed from {self.row_tokens.shape[0]} to {batch} within a session")
         valid = valid.to(torch.bool).cpu()
         position_ids = (self.row_tokens[:, None] + valid.long().cumsum(-1) - 1).masked_fill(~valid, 0)
-        out = loop.run(self._step(embeds.detach().cpu(), position_ids, valid), timeout_s=None)
+        first, last = self.model.local_spans
+        try:
+            hidden = self._run_local(0, first, embeds.detach(), position_ids, valid)
+            out = loop.run(self._step(hidden.cpu(), position_ids, valid), timeout_s=None)
+            out = self._run_local(1, last, out, position_ids, valid)
+        except BaseException:  # the step did not happen: local caches forget it too (peers never held it)
+            for cache in self.local_caches:
+                if cache is not None and cache.length > self.position:
+                    cache.truncate(self.position)
+            raise
         self.position += new
         self.row_tokens += valid.sum(-1)
         return out.to(embeds.device, embeds.dtype)
+
+    def _run_local(self, which: int, span, hidden: torch.Tensor, position_ids, valid) -> torch.Tensor:
+        """Blocks this client runs itself (model.local_spans[which], None: none), on its own cache."""
+        if span is None:
+            return hidden
+        if self.local_caches[which] is None:
+            self.local_caches[which] = span.new_cache(hidden.shape[0], self.max_length)
+        device = span.device
+        with torch.inference_mode():
+            return span(hidden.to(device, span.dtype), position_ids.to(device), valid.to(device),
+                        self.local_caches[which])
 
     def _check_memory(self, batch: int, hidden_size: int) -> None:
         """Refuse up front a session whose kept inputs could exceed max_kept_bytes (float32, every hop full)."""
@@ -129,7 +150,7 @@ class InferenceSession:
 
     async def _step(self, hidden, position_ids, valid):
         if not self.hops:
-            self.hops = await self._build(0, self.model.num_blocks, None)
+            self.hops = await self._build(self.model.remote.start, self.model.remote.end, None)
             self._check_memory(hidden.shape[0], hidden.shape[2])
         i = 0
         asked = forwarded = False  # whether the previous hop was asked to push hop i's input, and did
@@ -305,6 +326,9 @@ class InferenceSession:
         if self.closed:
             return
         self.closed = True
+        for cache in self.local_caches:
+            if cache is not None:
+                cache.free()
         if self.hops:
             try:
                 loop.run(self._close_streams(), timeout_s=5)

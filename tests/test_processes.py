@@ -194,3 +194,8 @@ def test_generate_cli_streams_text(model_path):
         assert proc.popen.wait(120) == 0, "".join(proc.output)
         text = "".join(proc.output)
         assert text.startswith("The swarm") and len(text.strip()) > len("The swarm")
+        # the first and last blocks on the client (the swarm runs blocks 1:3 only): the same text
+        private = spawn("generate", ["generate", "--model", str(model_path), "--initial-peers", *swarm.initial_peers,
+                                     "--prompt", "The swarm", "--max-new-tokens", "12", "--local-blocks", "1,1"])
+        assert private.popen.wait(120) == 0, "".join(private.output)
+        assert "".join(private.output) == text

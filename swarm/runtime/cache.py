@@ -220,7 +220,7 @@ class KVPool:
 
 class KVCache:
     """Keys and values of one session (`rows` sequences) on blocks `span`, in a region of `pool`.
-    Mutated by `reserve`, `begin`, `commit`, `rollback`, `free` (K/V themselves are written by the
+    Mutated by `reserve`, `begin`, `commit`, `rollback`, `truncate`, `free` (K/V themselves are written by the
     forward, into `pool` at `slots()`); read by the attention through `layer()`."""
 
     def __init__(self, span: Span, rows: int, max_length: int, bytes_per_block_token: int, budget: KVBudget,
@@ -342,9 +342,16 @@ class KVCache:
 
     def rollback(self) -> None:
         """Forget an uncommitted step (its K/V slots are simply overwritten later)."""
-        self.pending = 0
+        self.truncate(self.length)
+
+    def truncate(self, length: int) -> None:
+        """Go back to holding the first `length` slots (<= length): later slots are forgotten, and simply
+        overwritten by the next steps; pages stay reserved."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} slots to {length}")
+        self.length, self.pending = length, 0
         if self._valid is not None:
-            kept = self._valid[:, : self.length]
+            kept = self._valid[:, :length]
             self._valid = None if bool(kept.all()) else kept
 
     # Attribute some transformers attention code reads; we never compile or offload this cache.
