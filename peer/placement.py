@@ -20,10 +20,17 @@ a higher id do not count. Every joiner that saw the same joining records compute
 one round spreads peers started at the same instant. (A joiner that chose long ago against other online
 peers may be placed elsewhere in this simulation than where it is; the rebalancer corrects what is left.)
 
-Rebalancing (`rebalance_target`): the swarm's quality is (number of uncovered blocks, minimum coverage).
-A peer moves only when its best other span makes fewer blocks uncovered, or, with none uncovered either
-way, raises the minimum coverage by more than `margin` (hysteresis). So a peer that alone serves a block
-never moves away from it unless that strictly reduces the uncovered blocks.
+Rebalancing (`rebalance_target`): the swarm's quality is the number of uncovered blocks, then its
+minimum coverage m. A peer moves only when its best other span
+  - makes fewer blocks uncovered; or, with none uncovered either way,
+  - raises the minimum coverage above m x (1 + margin) (hysteresis); or
+  - keeps the minimum and lowers the number of "weak" blocks, those below m x (1 + margin): when several
+    blocks share the minimum (a swarm of equal peers has many), no single move raises it, but each such
+    move lifts some of them clear of it, and enough of them do.
+Every move so made raises (m, then fewer weak blocks) and the minimum never falls, so moves cannot cycle;
+a move between equally good places (e.g. from a block with three replicas to one with two, among equal
+peers) is never made. A peer that alone serves a block never moves away from it unless that strictly
+reduces the uncovered blocks.
 """
 
 from __future__ import annotations
@@ -130,18 +137,28 @@ def rechoose(snapshot: SwarmSnapshot, peer_id: str, length: int) -> Span:
 
 @dataclass(frozen=True, order=True)
 class Quality:
-    """How well a swarm is covered; compares better-is-greater (fewer holes first, then a higher minimum)."""
+    """How well a swarm is covered; compares better-is-greater: fewer uncovered blocks first, then the
+    per-block coverages sorted ascending, lexicographically (a higher minimum, or the same minimum on
+    fewer blocks, and so on: "leximin")."""
 
     neg_uncovered: int
-    min_coverage: float
+    sorted_coverage: tuple[float, ...]
 
     @property
     def uncovered(self) -> int:
         return -self.neg_uncovered
 
+    @property
+    def min_coverage(self) -> float:
+        return self.sorted_coverage[0]
+
 
 def quality(cover: Sequence[float]) -> Quality:
-    return Quality(-sum(1 for c in cover if c <= 0.0), min(cover))
+    return Quality(-sum(1 for c in cover if c <= 0.0), tuple(sorted(cover)))
+
+
+def _weak(cover: Sequence[float], threshold: float) -> int:
+    return sum(1 for c in cover if c < threshold)
 
 
 def with_peer(cover: Sequence[float], span: Span, span_tokens_s: float) -> list[float]:
@@ -166,34 +183,38 @@ def rebalance_target(
 ) -> MoveDecision:
     """Whether `peer_id`, serving `current` at `span_tokens_s`, should move, and where (module docstring).
 
-    The candidate is the span of the same length that gives the best quality with this peer on it (ties:
-    the weakest window first, then the earliest); the peer itself counts on `current` in `before` whatever
-    its records say (they may lag).
+    Candidates are the spans of the same length, ranked with this peer on them by: fewer uncovered blocks,
+    a higher minimum, fewer weak blocks (below the current minimum x (1 + margin)), then the sorted
+    coverages (leximin), the weakest window and the earliest start. The peer itself counts on `current` in
+    the "before" picture whatever its records say (they may lag).
     """
     others = coverage(snapshot.without(peer_id))
-    before = quality(with_peer(others, current, span_tokens_s))
-    starts = range(snapshot.num_blocks - current.length + 1)
-    spans = [Span(s, s + current.length) for s in starts]
-    best = max(
-        spans,
-        key=lambda span: (
-            quality(with_peer(others, span, span_tokens_s)),
-            [-c for c in sorted(others[span.start : span.end])],
-            -span.start,
-        ),
-    )
-    after = quality(with_peer(others, best, span_tokens_s))
+    now = with_peer(others, current, span_tokens_s)
+    before = quality(now)
+    threshold = before.min_coverage * (1.0 + margin)
+
+    def rank(span: Span) -> tuple:
+        cover = with_peer(others, span, span_tokens_s)
+        q = quality(cover)
+        weakest_first = [-c for c in sorted(others[span.start : span.end])]
+        return q.neg_uncovered, q.min_coverage, -_weak(cover, threshold), q.sorted_coverage, weakest_first, -span.start
+
+    best = max((Span(s, s + current.length) for s in range(snapshot.num_blocks - current.length + 1)), key=rank)
+    then = with_peer(others, best, span_tokens_s)
+    after = quality(then)
     if best == current:
         return MoveDecision(None, before, before, "already on the best span")
-    if after.uncovered < before.uncovered:
-        return MoveDecision(best, before, after, f"covers {before.uncovered - after.uncovered} more block(s)")
-    if after.uncovered > 0 or before.uncovered > 0:
+    if after.uncovered != before.uncovered or before.uncovered > 0:
+        if after.uncovered < before.uncovered:
+            return MoveDecision(best, before, after, f"covers {before.uncovered - after.uncovered} more block(s)")
         return MoveDecision(None, before, after, "would not cover more blocks")
-    if after.min_coverage > before.min_coverage * (1.0 + margin):
-        return MoveDecision(
-            best,
-            before,
-            after,
-            (f"raises the minimum coverage {before.min_coverage:.3g} -> {after.min_coverage:.3g} tokens/s"),
-        )
+    if after.min_coverage > threshold:
+        return MoveDecision(best, before, after, (
+            f"raises the minimum coverage {before.min_coverage:.3g} -> {after.min_coverage:.3g} tokens/s"))
+    weak_before, weak_after = _weak(now, threshold), _weak(then, threshold)
+    if after.min_coverage >= before.min_coverage and weak_after < weak_before:
+        return MoveDecision(best, before, after, (
+            f"lifts {weak_before - weak_after} of the {weak_before} blocks within {margin:.0%} of the minimum "
+            f"coverage ({before.min_coverage:.3g} tokens/s) above it"))
     return MoveDecision(None, before, after, f"gain below the {margin:.0%} margin")
+

@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from peer.placement import PeerView, SwarmSnapshot, rebalance_target
+from peer.placement import PeerView, SwarmSnapshot, choose_span, coverage, quality, rebalance_target
 from peer.rebalance import PeerPosition, Rebalancer
 from swarm.records import BlockState
 from swarm.spans import Span
@@ -255,3 +255,48 @@ def test_a_failed_read_skips_one_check():
     r._read = flaky_read
     run_for(clock, [r], seconds=3 * 60)
     assert len(swarm.moves) == 1 and swarm.moves[0][0] > 60 * 0.75 * 2  # the second period's check moved
+
+
+# ---------------------------------------------------------------- a crowd on the virtual clock
+
+
+def joined_crowd(rng: random.Random, num_blocks: int, count: int) -> list[PeerView]:
+    """`count` peers of random speed and span length, joined one after another where the swarm was weakest."""
+    peers: list[PeerView] = []
+    for i in range(count):
+        length = rng.randint(2, 6)
+        cover = coverage(SwarmSnapshot(num_blocks, tuple(peers)))
+        span = choose_span(cover, length)
+        peers.append(view(f"p{i:02d}", span.start, span.end, tokens_s=rng.uniform(10, 1000) / length))
+    return peers
+
+
+def settled_quality(swarm: FakeSwarm):
+    return quality(coverage(SwarmSnapshot(swarm.num_blocks, tuple(swarm.views.values()))))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_crowd_settles_and_heals_without_flapping(seed):
+    """40 peers on 16 blocks: rebalancing only ever improves the swarm, stops moving within minutes, and
+    after a fifth of the peers die at once the survivors cover every block again."""
+    rng = random.Random(seed)
+    clock = VirtualClock()
+    swarm = FakeSwarm(clock, 16, *joined_crowd(rng, 16, 40))
+    start = settled_quality(swarm)
+    rebalancers = {p: swarm.rebalancer(p, seed * 100 + i) for i, p in enumerate(swarm.views)}
+    run_for(clock, list(rebalancers.values()), seconds=30 * 60)
+    settled = settled_quality(swarm)
+    assert settled >= start
+    assert all(t < 20 * 60 for t, _, _ in swarm.moves), swarm.moves  # quiet for the last 10 minutes
+    moves_before = len(swarm.moves)
+
+    for peer_id in rng.sample(sorted(swarm.views), 8):  # kill -9: their records are gone
+        del swarm.views[peer_id]
+        del rebalancers[peer_id]
+    clock2 = VirtualClock()
+    swarm.clock = clock2
+    survivors = [swarm.rebalancer(p, seed * 1000 + i) for i, p in enumerate(swarm.views)]
+    run_for(clock2, survivors, seconds=30 * 60)
+    healed = settled_quality(swarm)
+    assert healed.uncovered == 0, (healed, swarm.moves[moves_before:])
+    assert all(t < 20 * 60 for t, _, _ in swarm.moves[moves_before:]), swarm.moves[moves_before:]
