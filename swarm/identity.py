@@ -23,8 +23,6 @@ Contract:
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
 import logging
 import os
 import stat
@@ -39,12 +37,12 @@ from hivemind.proto import crypto_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.errors import ConfigError
+from swarm.peerid import peer_id_of_public_key, peer_id_of_ssh_key  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
 RSA_KEY_BITS = 2048
 _MAX_IDENTITY_FILE_BYTES = 64 * 1024  # a 4096-bit RSA key is ~2.4 KiB; anything huge is not a key file
-_SHA2_256_MULTIHASH_PREFIX = b"\x12\x20"  # multihash code 0x12 (sha2-256), digest length 32
 
 
 @dataclass(frozen=True, eq=False)
@@ -111,25 +109,6 @@ class Identity:
 def owner_marker(rsa_key: RSAPrivateKey) -> str:
     """`[owner:<OpenSSH public key>]`, byte for byte what `RSASignatureValidator.local_public_key` holds."""
     return "[owner:" + rsa_key.get_public_key().to_bytes().decode("ascii") + "]"
-
-
-@functools.lru_cache(maxsize=4096)
-def peer_id_of_ssh_key(ssh_public_key: str) -> str:
-    """The base58 libp2p peer id of an RSA public key in OpenSSH form ('ssh-rsa AAAA...').
-
-    libp2p: peer id = multihash(sha2-256, protobuf PublicKey{RSA, DER SubjectPublicKeyInfo}); RSA keys
-    are too long for the inline "identity" multihash. Raises ValueError for anything but an RSA key.
-    """
-    return peer_id_of_public_key(serialization.load_ssh_public_key(ssh_public_key.encode("ascii")))
-
-
-def peer_id_of_public_key(key) -> str:
-    """The base58 libp2p peer id of an RSA public key (a `cryptography` key object); ValueError otherwise."""
-    if not isinstance(key, rsa.RSAPublicKey):
-        raise ValueError("not an RSA public key")
-    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    wrapped = crypto_pb2.PublicKey(key_type=crypto_pb2.KeyType.RSA, data=der).SerializeToString()
-    return PeerID(_SHA2_256_MULTIHASH_PREFIX + hashlib.sha256(wrapped).digest()).to_base58()
 
 
 def _generate_rsa_key() -> rsa.RSAPrivateKey:

@@ -19,7 +19,9 @@ defaults of the fields it lacks (every field added after v1.0 is optional on the
 refused (VersionMismatch, "upgrade swarm"): bump it only for changes old readers must not misread
 (hivemind rejects a whole key's dictionary when one entry fails validation, so such a change also needs
 new keys). Minor history: 1.0 the first schema; 1.2 adds `rtt_ms` and the destination of a peer that
-drains to move (`next_start`, `next_end`), and `network_mbps` carries a measured figure. Types are strict (bool is not int, str is not
+drains to move (`next_start`, `next_end`), and `network_mbps` carries a measured figure; 1.3 adds the
+precision a peer serves at: `weight_bits` (bits per weight of its linear layers, with `quant` naming the
+scheme) and `kv_dtype` ("auto" = the dtype, or "fp8"). Types are strict (bool is not int, str is not
 bytes, a list is an array); the one widening is int -> float for float fields, since msgpack writers
 may encode 100.0 as 100. NaN and infinities are refused. Every check raises ProtocolError naming the
 field; local construction runs the same checks.
@@ -29,32 +31,33 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
+import hashlib
 import logging
 import math
 import re
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgpack
 from cryptography.exceptions import UnsupportedAlgorithm
-from hivemind.dht.crypto import RSASignatureValidator
-from hivemind.dht.node import DHTNode
-from hivemind.dht.routing import DHTID
-from hivemind.dht.validation import CompositeValidator, DHTRecord, RecordValidatorBase
-from hivemind.utils.multiaddr import Multiaddr
-from hivemind.utils.multiaddr.exceptions import Error as MultiaddrError
-from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time
 
 from swarm.errors import ConfigError, ProtocolError, VersionMismatch
-from swarm.identity import Identity, peer_id_of_ssh_key
+from swarm.peerid import peer_id_of_ssh_key
 from swarm.spans import Span, check_model_id
+
+if TYPE_CHECKING:  # hivemind's types, for the functions that run on a hivemind DHTNode only
+    from hivemind.dht.node import DHTNode
+
+    from swarm.identity import Identity
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1  # major: a reader refuses a larger one
-SCHEMA_MINOR = 2  # additions within the major: optional fields, ignored by older readers
+SCHEMA_MINOR = 3  # additions within the major: optional fields, ignored by older readers
 MODELS_KEY = "swarm.models"
 MAX_RECORD_BYTES = 16 * 1024  # a full block record is < 5 KiB (16 addrs x 256 chars)
 MAX_SUBKEY_BYTES = 2048  # model id + peer id + a 4096-bit OpenSSH key
@@ -151,6 +154,29 @@ def _model_id(kind: str, name: str, value: object) -> str:
         raise _fail(kind, name, f"is not a valid model id: {value!r}") from e
 
 
+@functools.lru_cache(maxsize=1)
+def _multiaddr_parser():
+    """(Multiaddr class, its parse errors): py-multiaddr where it is installed (the lite install has it, as
+    py-libp2p's dependency), else hivemind's vendored copy of the same library. Either parses the text
+    form alone (no DNS), so records decode alike on both transports (tests/test_lite.py checks)."""
+    try:
+        from multiaddr import Multiaddr
+        from multiaddr.exceptions import Error
+    except ImportError:
+        from hivemind.utils.multiaddr import Multiaddr
+        from hivemind.utils.multiaddr.exceptions import Error
+    return Multiaddr, (Error, ValueError, KeyError, IndexError, TypeError)
+
+
+def _is_multiaddr(addr: str) -> bool:
+    multiaddr, errors = _multiaddr_parser()
+    try:
+        multiaddr(addr)
+    except errors:
+        return False
+    return True
+
+
 def _addrs(kind: str, name: str, value: object) -> tuple[str, ...]:
     if type(value) not in (list, tuple):
         raise _fail(kind, name, f"must be a list of multiaddr strings, got {type(value).__name__}")
@@ -159,13 +185,12 @@ def _addrs(kind: str, name: str, value: object) -> tuple[str, ...]:
     check_one = _str(MAX_ADDR_CHARS, r"/[\x21-\x7e]+")
     for addr in value:
         check_one(kind, name, addr)
-        try:
-            Multiaddr(addr)
-        except (MultiaddrError, ValueError, KeyError, IndexError) as e:
-            raise _fail(kind, name, f"holds an invalid multiaddr {addr!r}") from e
+        if not _is_multiaddr(addr):
+            raise _fail(kind, name, f"holds an invalid multiaddr {addr!r}")
     return tuple(value)
 
 
+_DTYPE_BITS = {"float32": 32, "bfloat16": 16, "float16": 16}
 _HEX_DIGEST = r"(?:[0-9a-f]{2}){8,64}"  # lowercase hex of 8..64 bytes (swarm.runtime: sha256 cut to 16)
 _TOKEN = r"[a-z0-9_]{1,32}"
 
@@ -264,6 +289,9 @@ class BlockRecord(_Record):
     rtt_ms: float | None = None  # median round trip to the peers it talks to, milliseconds; None = not measured
     next_start: int | None = None  # while draining to move (rebalancing): the span it will serve next
     next_end: int | None = None
+    # since schema 1.3 (absent from older records: read as the dtype's own bits, KV in the dtype)
+    weight_bits: int | None = None
+    kv_dtype: str | None = None
 
     _CHECKS: ClassVar[dict[str, Any]] = {
         "model_id": _model_id,
@@ -289,9 +317,11 @@ class BlockRecord(_Record):
         "rtt_ms": _optional(_float(0.0, 1e7)),
         "next_start": _optional(_int(0, _MAX_BLOCK - 1)),
         "next_end": _optional(_int(1, _MAX_BLOCK)),
+        "weight_bits": _optional(_int(1, 64)),
+        "kv_dtype": _optional(_str(32, _TOKEN)),
     }
     _OPTIONAL_ON_WIRE: ClassVar[frozenset[str]] = frozenset(
-        {"direct", "drain_deadline", "rtt_ms", "next_start", "next_end"}
+        {"direct", "drain_deadline", "rtt_ms", "next_start", "next_end", "weight_bits", "kv_dtype"}
     )
 
     def _check_fields_together(self) -> None:
@@ -312,6 +342,15 @@ class BlockRecord(_Record):
     @property
     def span(self) -> Span:
         return Span(self.start, self.end)
+
+    @property
+    def precision_bits(self) -> int:
+        """The lowest precision on this peer's path, in bits: its weights' (`weight_bits`, else its dtype's)
+        or its KV cache's (8 for fp8), whichever is lower. 16 or more = full precision."""
+        bits = self.weight_bits if self.weight_bits is not None else _DTYPE_BITS.get(self.dtype, 16)
+        if self.quant != "none" and self.weight_bits is None:
+            bits = min(bits, 8)  # a quantized peer from before 1.3 that said only its scheme
+        return min(bits, 8) if self.kv_dtype == "fp8" else bits
 
     @property
     def next_span(self) -> Span | None:
@@ -411,41 +450,64 @@ def _unpack(data: bytes, what: str, max_bytes: int) -> object:
 # ---------------------------------------------------------------- the DHT validator
 
 
-class SwarmRecordValidator(RecordValidatorBase):
+def dht_key_id(key: str) -> bytes:
+    """The 20-byte DHT id hivemind files `key` under (DHTID.generate(source=key).to_bytes()): the sha1
+    of the key's msgpack form."""
+    return hashlib.sha1(msgpack.packb(key, use_bin_type=True)).digest()
+
+
+def check_stored(key_id: bytes, subkey: bytes, value: bytes, expiration_time: float) -> Record:
+    """Check one stored entry as the DHT holds it (key id, msgpack subkey, msgpack value without its
+    signature, expiration); returns the record, raises ProtocolError naming what is wrong: a malformed
+    record or subkey, a record under a key other than the one its content names, an expiration more
+    than MAX_EXPIRATION_S away. What SwarmRecordValidator accepts on store, and swarm.lite on read."""
+    decoded_subkey = _unpack(subkey, "subkey", MAX_SUBKEY_BYTES)
+    _, decoded = decode_entry(decoded_subkey, _unpack(value, "record", MAX_RECORD_BYTES))
+    if dht_key_id(record_key(decoded)) != key_id:
+        raise ProtocolError(f"{decoded.KIND} record is stored under a key other than {record_key(decoded)!r}")
+    if expiration_time > time.time() + MAX_EXPIRATION_S:
+        raise ProtocolError(f"record expires more than {MAX_EXPIRATION_S:g} s from now")
+    return decoded
+
+
+class SwarmRecordValidator:
     """Accepts only well-formed swarm records, owner-marked, under the key their content names.
 
-    Sees what hivemind passes validators: key = DHTID bytes (the sha1 of the packed key string, so the
-    expected key is recomputed from the record), subkey and value as msgpack bytes. Priority 0 < 10 of
-    RSASignatureValidator: validation runs in decreasing priority, so the signature is checked and
-    stripped before this sees the value. Use it with RSASignatureValidator (make_record_validator):
-    alone it would check ownership markers but no signatures. Never raises.
+    A hivemind record validator (RecordValidatorBase's interface, duck-typed so that this module
+    imports no hivemind): sees what hivemind passes validators, key = DHTID bytes (the sha1 of the
+    packed key string, so the expected key is recomputed from the record), subkey and value as msgpack
+    bytes. Priority 0 < 10 of RSASignatureValidator: validation runs in decreasing priority, so the
+    signature is checked and stripped before this sees the value. Use it with RSASignatureValidator
+    (make_record_validator): alone it would check ownership markers but no signatures. Never raises.
     """
 
-    def validate(self, record: DHTRecord) -> bool:
+    def validate(self, record) -> bool:
         try:
-            subkey = _unpack(record.subkey, "subkey", MAX_SUBKEY_BYTES)
-            _, decoded = decode_entry(subkey, _unpack(record.value, "record", MAX_RECORD_BYTES))
-            if DHTID.generate(source=record_key(decoded)).to_bytes() != record.key:
-                raise ProtocolError(
-                    f"{decoded.KIND} record is stored under a key other than {record_key(decoded)!r}"
-                )
-            if record.expiration_time > get_dht_time() + MAX_EXPIRATION_S:
-                raise ProtocolError(f"record expires more than {MAX_EXPIRATION_S:g} s from now")
+            check_stored(record.key, record.subkey, record.value, record.expiration_time)
         except ProtocolError as e:
             logger.debug("refusing a DHT record: %s", e)
             return False
         return True
 
+    def sign_value(self, record) -> bytes:
+        return record.value
+
+    def strip_value(self, record) -> bytes:
+        return record.value
+
     @property
     def priority(self) -> int:
         return 0
 
-    def merge_with(self, other: RecordValidatorBase) -> bool:
+    def merge_with(self, other) -> bool:
         return isinstance(other, SwarmRecordValidator)
 
 
-def make_record_validator(identity: Identity) -> CompositeValidator:
+def make_record_validator(identity: Identity):
     """The validator chain every swarm DHTNode runs: signatures by `identity`'s key, then the schema."""
+    from hivemind.dht.crypto import RSASignatureValidator  # the hivemind transport's half of this module
+    from hivemind.dht.validation import CompositeValidator
+
     return CompositeValidator([RSASignatureValidator(identity.rsa_key), SwarmRecordValidator()])
 
 
@@ -510,7 +572,7 @@ async def _store(
         return []
     keys = [record_key(record) for record in records]
     subkeys = [record_subkey(record, identity) for record in records]
-    expiration_time = get_dht_time() + expiration_s
+    expiration_time = time.time() + expiration_s  # hivemind's get_dht_time
     try:
         result = await asyncio.wait_for(
             node.store_many(keys, [r.to_wire() for r in records], expiration_time, subkeys=subkeys), timeout_s
@@ -627,22 +689,36 @@ def _decode_entries(key: str, found: object, with_expiration: bool = False) -> l
     [(peer_id, record)] or, `with_expiration`, [(peer_id, record, expiration_time)]."""
     if found is None:
         return []
-    if not isinstance(found, ValueWithExpiration) or type(found.value) is not dict:
+    value = getattr(found, "value", None)
+    if type(value) is not dict:
         logger.debug("dropping DHT key %r: not a dictionary value", key)
         return []
-    now = get_dht_time()
+    items = {}
+    for subkey, item in value.items():
+        expiration = getattr(item, "expiration_time", None)
+        if type(expiration) not in (float, int):
+            logger.debug("dropping DHT entry under %r subkey %.60r: entry carries no expiration", key, subkey)
+            continue
+        items[subkey] = (item.value, expiration)
+    return decode_dictionary(key, items, with_expiration)
+
+
+def decode_dictionary(key: str, items: dict, with_expiration: bool = False) -> list[tuple]:
+    """The valid records of one key's dictionary value {subkey: (unpacked value, expiration time)}, as
+    [(peer_id, record)] or, `with_expiration`, [(peer_id, record, expiration_time)]. Expired entries, and
+    entries that fail decode_entry or name another key, are dropped (logged at debug). Both transports
+    end their reads here (hivemind's through _decode_entries, swarm.lite's directly)."""
+    now = time.time()  # hivemind's get_dht_time
     entries = []
-    for subkey, item in found.value.items():
+    for subkey, (value, expiration) in items.items():
         try:
-            if not isinstance(item, ValueWithExpiration):
-                raise ProtocolError("entry carries no expiration")
-            if item.expiration_time < now:
+            if expiration < now:
                 continue
-            peer_id, record = decode_entry(subkey, item.value)
+            peer_id, record = decode_entry(subkey, value)
             if record_key(record) != key:
                 raise ProtocolError(f"{record.KIND} record names key {record_key(record)!r}")
         except ProtocolError as e:
             logger.debug("dropping DHT entry under %r subkey %.60r: %s", key, subkey, e)
             continue
-        entries.append((peer_id, record, item.expiration_time) if with_expiration else (peer_id, record))
+        entries.append((peer_id, record, expiration) if with_expiration else (peer_id, record))
     return entries
