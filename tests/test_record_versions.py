@@ -79,7 +79,7 @@ def alice():
 
 def test_a_schema_1_2_record_says_its_minor():
     wire = RECORD.to_wire()
-    assert (wire["v"], wire["minor"]) == (1, records.SCHEMA_MINOR) and records.SCHEMA_MINOR == 2
+    assert (wire["v"], wire["minor"]) == (1, records.SCHEMA_MINOR) and records.SCHEMA_MINOR >= 2
     assert wire["rtt_ms"] == 12.5 and wire["next_start"] is None
 
 

@@ -67,7 +67,8 @@ class Step:
     def of(cls, model: StepModel, segments: list[Segment]) -> Step:
         """The eager step of `segments` (their caches' steps begun): write slots, and the flash arguments
         when the flash path is on and no session has padding."""
-        write_index = torch.tensor([i for s in segments for i in s.cache.slots()]).to(model.device)
+        pool = segments[0].cache.pool
+        write_index = torch.tensor([i for s in segments for i in s.cache.slots()]).to(pool.device)
         flash = None
         if model.flash and not any(s.cache.padded for s in segments):
             flash = FlashBatch.of(segments, model.device)
@@ -83,9 +84,11 @@ class Step:
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Store every segment's new K/V ([1, kv_heads, total, head_dim]) in the pool's block
         ([kv_heads, slots, head_dim]); the attention reads the pool, not the return value."""
-        i = layer_idx - self.pool.span.start
-        self.pool.keys[i].index_copy_(1, self.write_index, key[0])
-        self.pool.values[i].index_copy_(1, self.write_index, value[0])
+        pool = self.pool
+        i = layer_idx - pool.span.start
+        # as the pool stores them (fp8 codes and scales) where it lives (host RAM: copied there)
+        pool.keys[i].index_copy_(1, self.write_index, pool.encode(key[0]))
+        pool.values[i].index_copy_(1, self.write_index, pool.encode(value[0]))
         return key, value
 
     is_compileable = False

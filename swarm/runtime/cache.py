@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from swarm.runtime.quant import decode_kv, encode_kv, kv_bytes_per_block_token, kv_storage
 from swarm.spans import Span
 
 GROWTH_FRACTION = 16  # a session's capacity grows by at least capacity / GROWTH_FRACTION
@@ -93,12 +94,20 @@ class KVPool:
     span.start + i's [kv_heads, slots + 1, head_dim] (views of one tensor, replaced when the pool grows;
     slot `sink` = `slots` is the sink)."""
 
-    def __init__(self, span: Span, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, span: Span, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                 pin: bool = False, kv_format: str = "auto"):
+        """`dtype`: the K/V the model computes; `kv_format` "fp8": stored as float8 codes and a scale per vector
+        (swarm.runtime.quant; keys/values are then uint8 [kv_heads, slots + 1, head_dim + 4]); `pin`:
+        page-locked host memory (a pool in host RAM for a model on the GPU)."""
         self.span = span
         self.kv_heads, self.head_dim = kv_heads, head_dim
         self.dtype, self.device = dtype, torch.device(device)
+        self.kv_format = kv_format
+        self.store_dtype, self.width = kv_storage(head_dim, dtype, kv_format)
+        self.pin = pin
         self.slots = 0
-        self.storage: torch.Tensor | None = None  # [blocks, 2, kv_heads, slots, head_dim]
+        self.storage: torch.Tensor | None = None  # [blocks, 2, kv_heads, slots, width]
+        self._scratch: torch.Tensor | None = None  # [2, kv_heads, slots + 1, head_dim]: one block, compute dtype
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.generation = 0  # times the tensor was reallocated (grown): graphs over the old one are stale
@@ -108,7 +117,7 @@ class KVPool:
 
     @property
     def slot_bytes(self) -> int:
-        return self.span.length * 2 * self.kv_heads * self.head_dim * self.dtype.itemsize
+        return self.span.length * kv_bytes_per_block_token(self.kv_heads, self.head_dim, self.dtype, self.kv_format)
 
     @property
     def sink(self) -> int:
@@ -147,6 +156,25 @@ class KVPool:
                         self.storage[:, :, :, region.start + row * capacity:][:, :, :, :length])
             self._give(region.start, region.slots)
             region.start, region.slots = start, want
+
+    def readable(self, i: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block span.start + i's keys and values in `dtype`: the pool's own views, or (pages stored in another
+        dtype) the whole block converted into a scratch buffer that stays put until the pool grows, so a
+        CUDA graph may record the conversion."""
+        if self.store_dtype == dtype:
+            return self.keys[i], self.values[i]
+        if self._scratch is None or self._scratch.dtype != dtype:
+            self._scratch = torch.empty(2, self.kv_heads, self.slots + 1, self.head_dim, dtype=dtype, device=self.device)
+        decode_kv(self.storage[i], dtype, self.kv_format, out=self._scratch)
+        return self._scratch[0], self._scratch[1]
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """New K or V [kv_heads, n, head_dim] as this pool stores them, on its device."""
+        return encode_kv(x, self.kv_format).to(self.device, self.store_dtype)
+
+    def decode(self, stored: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """A view of stored K or V [..., width] in the compute dtype on `device` ([..., head_dim])."""
+        return decode_kv(stored.to(device, non_blocking=True), self.dtype, self.kv_format)
 
     def release(self, region: Region) -> None:
         """Give a region's slots back (the tensor keeps its size)."""
@@ -191,8 +219,9 @@ class KVPool:
     def _grow(self, slots: int) -> None:
         """A new tensor of `slots` slots (and the sink) holding the live regions, packed at its front."""
         used = self._pack() if self.storage is not None else 0
-        new = torch.zeros(self.span.length, 2, self.kv_heads, slots + 1, self.head_dim, dtype=self.dtype,
-                          device=self.device)
+        new = torch.empty(self.span.length, 2, self.kv_heads, slots + 1, self.width, dtype=self.store_dtype,
+                          device=self.device, pin_memory=self.pin).zero_()
+        self._scratch = None
         if used:
             new[:, :, :, :used].copy_(self.storage[:, :, :, :used])
         self.storage, self.slots = new, slots

@@ -22,6 +22,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from swarm.errors import ConfigError
+from swarm.runtime import quant as q
 from swarm.runtime.checkpoint import CheckpointReader, block_of_key
 from swarm.spans import Span
 
@@ -123,32 +124,58 @@ class LoadedSpan:
     span: Span
     layers: nn.ModuleList  # global block i is layers[i - span.start]
     rotary_emb: nn.Module
-    block_hashes: list[str]
+    block_hashes: list[str]  # of the checkpoint's tensors, whatever the quantization
     keys_read: list[str]
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32  # of activations, norms and unquantized weights
+    quant: str = "none"  # weight scheme (swarm.runtime.quant)
+    host_blocks: dict[int, nn.Module] | None = None  # blocks whose weights stay in host RAM (offload)
 
 
 @dataclass(frozen=True)
 class SpanMemory:
     """What serving a span will take, known before anything is loaded."""
 
-    weights_bytes: int
+    weights_bytes: int  # on the device (offloaded blocks' weights excluded, their staging included)
     kv_bytes_per_token: int  # one cached token (one row) across the whole span
+    host_bytes: int = 0  # offloaded blocks' weights, in host RAM
 
     def kv_bytes(self, tokens: int) -> int:
         return tokens * self.kv_bytes_per_token
 
 
-def span_memory(path: str | Path, span: Span, dtype: torch.dtype) -> SpanMemory:
-    """Weights of the span in `dtype` (from checkpoint headers) and KV cache bytes per cached token."""
+def block_weight_bytes(path: str | Path, dtype: torch.dtype, quant: str = "none") -> list[int]:
+    """Each block's weights on the device in `dtype` under weight scheme `quant`: from the checkpoint's
+    headers for "none" (no tensor is read), from the model's modules on the meta device otherwise."""
+    config = load_config(path)
+    if quant == "none":
+        reader = CheckpointReader(path)
+        by_block: dict[int, list[str]] = {}
+        for key in reader.keys(lambda k: block_of_key(k) is not None):
+            by_block.setdefault(block_of_key(key), []).append(key)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return [reader.numel(by_block.get(block, [])) * itemsize for block in range(config.num_hidden_layers)]
+    q.scheme(quant)
+    layers = decoder_layers(_meta_model(config, dtype))
+    return [q.module_weight_bytes(layer, quant, dtype) for layer in layers]
+
+
+def span_memory(path: str | Path, span: Span, dtype: torch.dtype, quant: str = "none",
+                kv_dtype: str | None = None, offload_blocks: int = 0) -> SpanMemory:
+    """Weights of the span in `dtype` under `quant` (the last `offload_blocks` blocks in host RAM, two
+    blocks' staging on the device) and KV cache bytes per cached token (stored as `kv_dtype`: "fp8" or
+    the dtype's own)."""
     config = load_config(path)
     if span.end > config.num_hidden_layers:
         raise ConfigError(f"span {span}: the model has only {config.num_hidden_layers} blocks")
-    reader = CheckpointReader(path)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    weights = reader.numel(reader.keys(lambda k: block_of_key(k) in span)) * itemsize
+    blocks = block_weight_bytes(path, dtype, quant)[span.start : span.end]
+    offload = max(0, min(offload_blocks, span.length))
+    on_device, on_host = blocks[: span.length - offload], blocks[span.length - offload :]
+    staging = sum(sorted(on_host, reverse=True)[:2])
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return SpanMemory(weights, 2 * kv_heads * head_dim * itemsize * span.length)
+    per_token = q.kv_bytes_per_block_token(kv_heads, head_dim, dtype, kv_dtype or "auto") * span.length
+    return SpanMemory(sum(on_device) + staging, per_token, sum(on_host))
 
 
 def load_span(
@@ -159,9 +186,17 @@ def load_span(
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
     progress: bool = False,
+    quant: str = "none",
+    offload_blocks: int = 0,
 ) -> LoadedSpan:
-    """Load blocks [span.start, span.end) of a checkpoint; reads no other block's tensors."""
+    """Load blocks [span.start, span.end) of a checkpoint; reads no other block's tensors.
+
+    `quant` (swarm.runtime.quant): the blocks are converted in host memory first, then each goes to the
+    device and is quantized there before the next one moves, so the device never holds more than one
+    block in full precision. `offload_blocks`: the last N blocks stay in host RAM (swarm.runtime.offload)."""
     device = torch.device(device)
+    q.scheme(quant)
+    offload = _check_offload(offload_blocks, span, quant)
     config = load_config(path, attn_implementation)
     if span.end > config.num_hidden_layers:
         raise ConfigError(f"span {span}: the model has only {config.num_hidden_layers} blocks")
@@ -170,15 +205,35 @@ def load_span(
     raw = reader.read(keys, progress=progress)
     hashes = [tensors_hash({k: v for k, v in raw.items() if block_of_key(k) == b}) for b in range(span.start, span.end)]
     model = _meta_model(config, dtype)
-    _convert_and_load(model, raw, dtype, device)
+    staged = quant != "none" or offload > 0
+    _convert_and_load(model, raw, dtype, torch.device("cpu") if staged else device)
+    del raw
     all_layers = decoder_layers(model)
     layers = nn.ModuleList(all_layers[span.start : span.end])
     _check_loaded(layers, f"blocks {span}")
+    host_blocks = {}
+    if staged:
+        for i, layer in enumerate(layers):
+            block = span.start + i
+            if block >= span.end - offload:
+                host_blocks[block] = layer  # stays in host RAM, in the dtype (HostBlocks pins it)
+                continue
+            layer.to(device)
+            q.quantize_layer(layer, quant, device)
     rotary_cls = type(model.get_decoder().rotary_emb)
     rotary = rotary_cls(config=config).to(device)
     layers.eval()
     rotary.eval()
-    return LoadedSpan(config, span, layers, rotary, hashes, list(reader.keys_read))
+    return LoadedSpan(config, span, layers, rotary, hashes, list(reader.keys_read), device, dtype, quant,
+                      host_blocks or None)
+
+
+def _check_offload(offload_blocks: int, span: Span, quant: str) -> int:
+    if type(offload_blocks) is not int or not 0 <= offload_blocks <= span.length:
+        raise ConfigError(f"--offload-blocks {offload_blocks!r}: expected 0..{span.length} (the span's blocks)")
+    if offload_blocks and quant != "none":
+        raise ConfigError("--offload-blocks keeps blocks in the span's dtype; it does not combine with --quant")
+    return offload_blocks
 
 
 @dataclass

@@ -30,6 +30,8 @@ from swarm.runtime.batch import Segment, Step
 from swarm.runtime.cache import KVBudget, KVCache, KVPool, unlimited_budget
 from swarm.runtime.graphs import DecodeGraphs
 from swarm.runtime.loading import LoadedSpan
+from swarm.runtime.offload import HostBlocks
+from swarm.runtime.quant import check_kv_format, kv_bytes_per_block_token
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +56,9 @@ def _flash_attention(step: Step, block: int, window, query, scaling) -> torch.Te
     f, pool = step.flash, step.pool
     i = block - pool.span.start
     q = query[0].transpose(0, 1)  # [total, heads, head_dim]
+    keys, values = pool.readable(i, query.dtype)  # fp8 pages: the block's pool converted into a scratch
     out = torch.ops.aten._flash_attention_forward(
-        q, pool.keys[i].transpose(0, 1), pool.values[i].transpose(0, 1), f.cu_q, f.cu_k, f.max_q, f.max_k,
+        q, keys.transpose(0, 1), values.transpose(0, 1), f.cu_q, f.cu_k, f.max_q, f.max_k,
         0.0, True, False, scale=scaling, seqused_k=f.used,
         window_size_left=-1 if window is None else window - 1, window_size_right=-1 if window is None else 0,
     )[0]
@@ -82,6 +85,9 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
             s.masks[window] = model.mask_or_none(s.cache, new, window)
         mask = s.masks[window]
         k, v = s.cache.layer(block)
+        pool = s.cache.pool
+        if pool.store_dtype != q.dtype or pool.device != q.device:  # fp8 pages, or pages in host RAM
+            k, v = pool.decode(k, q.device), pool.decode(v, q.device)  # this session's only
         if mask is None and new == 1 and not model._eager:
             # the common decode step, on the shortest path: torch's fused SDPA, GQA without repeating K/V
             out = F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
@@ -98,7 +104,10 @@ AttentionInterface.register(VARLEN_ATTENTION, varlen_attention)
 class SpanModel(nn.Module):
     """A loaded span, runnable step by step. Stateless between steps; state lives in the KVCaches."""
 
-    def __init__(self, loaded: LoadedSpan, cuda_graphs: bool = False, flash: bool = True):
+    def __init__(self, loaded: LoadedSpan, cuda_graphs: bool = False, flash: bool = True,
+                 kv_dtype: str | None = None, kv_offload: bool = False):
+        """`kv_dtype` "fp8": KV pages stored as float8 (swarm.runtime.quant); `kv_offload`: the KV pool lives
+        in host RAM (pinned) and each session's K/V go to the device for its attention, block by block."""
         super().__init__()
         self.config = loaded.config
         self.span = loaded.span
@@ -117,19 +126,24 @@ class SpanModel(nn.Module):
             attention_module = sys.modules[type(self.layers[0].self_attn).__module__]
             self.inner_attention = attention_module.eager_attention_forward if self._eager else sdpa_attention_forward
             self.config._attn_implementation = VARLEN_ATTENTION  # every layer of this span now calls ours
-        first = next(self.layers.parameters())
-        self.dtype, self.device = first.dtype, first.device
+        self.dtype, self.device = loaded.dtype, loaded.device
+        self.quant = loaded.quant
+        self.kv_format = check_kv_format(kv_dtype)
+        self.kv_device = torch.device("cpu") if kv_offload else self.device
+        self.host_blocks = HostBlocks(loaded.host_blocks, self.device) if loaded.host_blocks else None
         c = self.config
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        self.bytes_per_block_token = 2 * c.num_key_value_heads * self.head_dim * first.element_size()
+        self.bytes_per_block_token = kv_bytes_per_block_token(c.num_key_value_heads, self.head_dim, self.dtype,
+                                                              self.kv_format)
         self._pools: dict[tuple[int, int], KVPool] = {}  # block range -> the K/V storage of its sessions
         # one varlen flash-attention kernel per block for a whole batch (CUDA, half precision, Ampere or later)
         self.flash = (flash and self.device.type == "cuda" and not self._eager and self.head_dim <= 256
+                      and self.kv_device == self.device
                       and self.dtype in (torch.float16, torch.bfloat16)
                       and torch.cuda.get_device_capability(self.device)[0] >= 8)
         self.flash_forwards = 0  # eager forwards that took the flash path (tests and `info` read it)
         # batched decode steps replay CUDA graphs (swarm.runtime.graphs): on the flash path only
-        self.graphs = DecodeGraphs(self) if cuda_graphs and self.flash else None
+        self.graphs = DecodeGraphs(self) if cuda_graphs and self.flash and self.host_blocks is None else None
 
     def new_cache(self, rows: int, max_length: int, budget: KVBudget | None = None,
                   blocks: tuple[int, int] | None = None) -> KVCache:
@@ -141,7 +155,8 @@ class SpanModel(nn.Module):
         """The K/V storage shared by the sessions on blocks `span` (one per block range)."""
         key = (span.start, span.end)
         if key not in self._pools:
-            self._pools[key] = KVPool(span, self.config.num_key_value_heads, self.head_dim, self.dtype, self.device)
+            self._pools[key] = KVPool(span, self.config.num_key_value_heads, self.head_dim, self.dtype,
+                                      self.kv_device, pin=self.kv_device != self.device, kv_format=self.kv_format)
         return self._pools[key]
 
     def mask_or_none(self, cache: KVCache, new: int, window: int | None) -> torch.Tensor | None:
@@ -210,7 +225,14 @@ class SpanModel(nn.Module):
     def _layers(self, hidden: torch.Tensor, position_ids: torch.Tensor, step: Step, blocks) -> torch.Tensor:
         """The packed tokens [1, total, hidden_size] through blocks [blocks.start, blocks.end)."""
         position_embeddings = self.rotary_emb(hidden, position_ids)
+        host = self.host_blocks
+        offloaded = [b for b in range(blocks.start, blocks.end) if host is not None and b in host]
+        if offloaded:
+            host.prefetch(offloaded[0])  # its copy overlaps the blocks before it
         for block in range(blocks.start, blocks.end):
+            if offloaded and block == offloaded[0]:
+                offloaded.pop(0)
+                host.fetch(block, offloaded[0] if offloaded else None)
             out = self.layers[block - self.span.start](
                 hidden,
                 attention_mask=None,
