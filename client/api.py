@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from swarm.errors import ConfigError, MissingBlocksError, PeerError, SessionError, SwarmError
+from swarm.swarmkey import SwarmKey, load_optional
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class ApiConfig:
     default_chat_max_tokens: int = 512  # max_tokens of a chat request that names none (completions: 16)
     max_n: int = 8
     wait_for_route_s: float = 10.0  # how long a request waits for missing blocks before 503
+    swarm_key: SwarmKey | None = None  # a private swarm's key (swarm.swarmkey); None = a public swarm
 
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_concurrency", "max_tokens_limit", "default_chat_max_tokens", "max_n"):
@@ -214,7 +216,7 @@ class Gateway:
         c = self.config
         self.tokenizer = AutoTokenizer.from_pretrained(c.model_path)
         client_config = ClientConfig(initial_peers=c.initial_peers, model_id=c.model_id,
-                                     wait_for_route_s=c.wait_for_route_s)
+                                     wait_for_route_s=c.wait_for_route_s, swarm_key=c.swarm_key)
         self.model = DistributedModelForCausalLM.from_pretrained(c.model_path, client_config=client_config)
         self.model_name = self.model.model_id
         self.context_tokens = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 20)
@@ -538,6 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=d.host)
     p.add_argument("--port", type=int, default=d.port, help="HTTP port (0 = any free port)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--swarm-key", metavar="FILE", help="a private swarm's key file (from its owner); without it a private swarm refuses you")
     p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes)
     p.add_argument("--max-concurrency", type=int, default=d.max_concurrency, help="swarm sessions at once")
     p.add_argument("--queue-timeout-s", type=float, default=d.queue_timeout_s)
@@ -556,6 +559,7 @@ def main(argv: list[str]) -> int:
             args.model, tuple(args.initial_peers), args.model_id, args.host, args.port, args.api_key,
             args.max_request_bytes, args.max_concurrency, args.queue_timeout_s, args.rate_limit_rpm,
             args.max_tokens_limit, wait_for_route_s=args.wait_for_route_s,
+            swarm_key=load_optional(args.swarm_key),
         )
         sock = socket.create_server((config.host, config.port))
     except (SwarmError, OSError) as e:

@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--model-id", help="the model id peers announce (default: the folder's name)")
+    p.add_argument("--swarm-key", metavar="FILE", help="a private swarm's key file (from its owner); without it a private swarm refuses you")
     p.add_argument("--wait-for-route", type=float, default=30.0, help="seconds to wait for missing blocks")
     p.add_argument("--local-blocks", type=_block_counts, default=(0, 0), metavar="FIRST,LAST",
                    help="run the first FIRST and last LAST blocks here: no peer sees the tokens' embeddings or "
@@ -49,10 +50,12 @@ def run_generate(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer, TextStreamer
 
     from client import ClientConfig, DistributedModelForCausalLM
+    from swarm.swarmkey import load_optional
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     config = ClientConfig(
-        initial_peers=tuple(args.initial_peers), model_id=args.model_id, wait_for_route_s=args.wait_for_route
+        initial_peers=tuple(args.initial_peers), model_id=args.model_id, wait_for_route_s=args.wait_for_route,
+        swarm_key=load_optional(args.swarm_key),
     )
     model = DistributedModelForCausalLM.from_pretrained(args.model, client_config=config,
                                                         local_blocks=args.local_blocks)

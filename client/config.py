@@ -7,11 +7,13 @@ from dataclasses import dataclass, field
 from client.policies import BanPolicy, RetryPolicy
 from client.routing import CostModel
 from swarm.errors import ConfigError
+from swarm.swarmkey import SwarmKey
 
 
 @dataclass(frozen=True)
 class ClientConfig:
     initial_peers: tuple[str, ...] = ()
+    swarm_key: SwarmKey | None = None  # a private swarm's key (swarm.admission, swarm.swarmkey); None = public
     model_id: str | None = None  # default: the checkpoint folder's name, as peers compute it
     wait_for_route_s: float = 30.0  # how long to wait for missing blocks to appear; 0 = fail at once
     connect_timeout_s: float = 20.0

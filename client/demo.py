@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-running", action="store_true", help="keep the swarm up after the reply, until Ctrl-C")
     p.add_argument("--spares", type=int, default=1,
                    help="twin peers for the spans (the middle one first), ready to replace a peer that dies")
+    p.add_argument("--swarm-key", metavar="FILE",
+                   help="make the demo swarm private with this key file (`swarm make-swarm-key FILE` makes one)")
     p.add_argument("--kill-peer-at", type=int, metavar="K",
                    help="kill -9 the route's middle peer after K tokens, to watch the reply finish anyway")
     return p
@@ -63,6 +65,9 @@ def run_demo(args: argparse.Namespace) -> None:
 
     from client import ClientConfig, DistributedModelForCausalLM
     from client.launcher import LocalSwarm
+    from swarm.swarmkey import load_optional
+
+    key = load_optional(args.swarm_key)  # a bad key file fails before any process starts
 
     if args.model:
         model_path = Path(args.model)
@@ -74,17 +79,19 @@ def run_demo(args: argparse.Namespace) -> None:
     spans = unequal_spans(num_blocks)
     print(f"model: {model_path} ({num_blocks} blocks)", flush=True)
     started = time.monotonic()
-    with LocalSwarm(str(model_path)) as swarm:
-        print(f"bootstrap: {swarm.initial_peers[0]}", flush=True)
+    with LocalSwarm(str(model_path), swarm_key_path=key.path if key else None) as swarm:
+        print(f"bootstrap: {swarm.initial_peers[0]}" + (f" (private swarm, key id {key.key_id})" if key else ""),
+              flush=True)
         print(f"starting 3 peers ({', '.join(spans)}) and {args.spares} spare(s) ...", flush=True)
         spares = [spans[(1 + i) % 3] for i in range(args.spares)]  # twins: the middle span first
         peers = swarm.start_peers(spans + spares)
         print(f"swarm ready in {time.monotonic() - started:.1f} s", flush=True)
         for proc in peers:
             print(f"  {proc.ready_line.strip()}", flush=True)
-        _generate(args, model_path, swarm, peers, ClientConfig, DistributedModelForCausalLM,
-                  AutoTokenizer, TextStreamer)
-        _print_join_help(model_path, swarm.initial_peers[0])
+        _generate(args, model_path, swarm, peers, ClientConfig(initial_peers=tuple(swarm.initial_peers),
+                                                               step_timeout_s=5, swarm_key=key),
+                  DistributedModelForCausalLM, AutoTokenizer, TextStreamer)
+        _print_join_help(model_path, swarm.initial_peers[0], key.path if key else None)
         if args.keep_running:
             print("swarm is running; Ctrl-C stops it", flush=True)
             while all(p.popen.poll() is None for p in swarm.procs):
@@ -93,14 +100,12 @@ def run_demo(args: argparse.Namespace) -> None:
     print("swarm stopped", flush=True)
 
 
-def _generate(args, model_path, swarm, peers, ClientConfig, DistributedModelForCausalLM, AutoTokenizer,
+def _generate(args, model_path, swarm, peers, client_config, DistributedModelForCausalLM, AutoTokenizer,
               TextStreamer):
     import signal
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = DistributedModelForCausalLM.from_pretrained(
-        model_path, client_config=ClientConfig(initial_peers=tuple(swarm.initial_peers), step_timeout_s=5)
-    )
+    model = DistributedModelForCausalLM.from_pretrained(model_path, client_config=client_config)
 
     def kill_a_route_peer():
         hop = model.active_session.route[len(model.active_session.route) // 2]
@@ -144,7 +149,8 @@ def _TimedStreamer(TextStreamer, tokenizer, act_after: int | None, action):
     return TimedStreamer()
 
 
-def _print_join_help(model_path: Path, bootstrap: str) -> None:
+def _print_join_help(model_path: Path, bootstrap: str, key_path: str | None) -> None:
+    key = f" --swarm-key {key_path}" if key_path else ""
     print("\njoin from a second terminal (while --keep-running):")
-    print(f"  swarm peer --model {model_path} --blocks 0:2 --initial-peers {bootstrap}")
-    print(f"  swarm generate --model {model_path} --initial-peers {bootstrap} --prompt 'Hello'", flush=True)
+    print(f"  swarm peer --model {model_path} --blocks 0:2 --initial-peers {bootstrap}{key}")
+    print(f"  swarm generate --model {model_path} --initial-peers {bootstrap}{key} --prompt 'Hello'", flush=True)

@@ -75,13 +75,15 @@ class LocalSwarm:
     """Bootstrap node + peers on loopback. Use as a context manager."""
 
     def __init__(self, model_path: str, *, startup_timeout_s: float = 180, peer_threads: int | None = 1,
-                 bootstrap_args: list[str] = ()):
+                 bootstrap_args: list[str] = (), swarm_key_path: str | None = None):
+        """`swarm_key_path`: a private swarm, its bootstrap and every peer started with that key file."""
         self.model_path = model_path
+        key_args = ["--swarm-key", str(swarm_key_path)] if swarm_key_path else []
         # several peers share this machine's cores: one torch thread each avoids spinning thread pools
-        self.peer_args = ["--num-threads", str(peer_threads)] if peer_threads else []
+        self.peer_args = (["--num-threads", str(peer_threads)] if peer_threads else []) + key_args
         self.timeout_s = startup_timeout_s
         self.procs: list[Proc] = []
-        self.bootstrap = spawn("bootstrap", ["bootstrap", "--host", "127.0.0.1", *bootstrap_args])
+        self.bootstrap = spawn("bootstrap", ["bootstrap", "--host", "127.0.0.1", *key_args, *bootstrap_args])
         self.procs.append(self.bootstrap)
         self.initial_peers = [self.bootstrap.wait_line(lambda l: l.startswith("/ip4/"), self.timeout_s).strip()]
         self.health_url = None

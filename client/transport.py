@@ -14,11 +14,13 @@ from typing import Protocol
 from hivemind.p2p import PeerID
 
 from swarm import records
+from swarm.admission import raise_refusal
 from swarm.direct import DirectDialer
 from swarm.errors import PeerError, PeerRefused, VersionMismatch
 from swarm.identity import Identity
 from swarm.net import NodeSettings, connect, start_dht, start_p2p, stop_node
 from swarm.protocol import INFO_HANDLER, read_message, write_message
+from swarm.swarmkey import SwarmKey
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +44,8 @@ class HivemindTransport:
 
     Streams go straight to a peer's direct TLS port (swarm.direct) when its latest DHT record announces
     one and it answers (`direct`: True), else through p2pd; a direct address that failed is skipped for a
-    while. The direct streams are authenticated with the same identity key as p2pd's."""
+    while. The direct streams are authenticated with the same identity key as p2pd's. With a `swarm_key`
+    (a private swarm) every DHT request and every stream shows it (swarm.admission)."""
 
     def __init__(self, p2p, dht, dialer: DirectDialer | None = None):
         self.p2p = p2p
@@ -52,12 +55,13 @@ class HivemindTransport:
 
     @classmethod
     async def create(
-        cls, initial_peers: Sequence[str], timeout_s: float = 30.0, *, direct: bool = True
+        cls, initial_peers: Sequence[str], timeout_s: float = 30.0, *, direct: bool = True,
+        swarm_key: SwarmKey | None = None,
     ) -> HivemindTransport:
         identity = Identity.load_or_create(None)
         settings = NodeSettings(
             initial_peers=tuple(initial_peers), client_mode=True, startup_timeout_s=timeout_s,
-            identity_path=identity.p2pd_identity_path,
+            identity_path=identity.p2pd_identity_path, swarm_key=swarm_key,
         )
         try:
             p2p = await start_p2p(settings)
@@ -68,7 +72,7 @@ class HivemindTransport:
         except BaseException:
             await p2p.shutdown()
             raise
-        return cls(p2p, dht, DirectDialer(identity.private_key) if direct else None)
+        return cls(p2p, dht, DirectDialer(identity.private_key, swarm_key) if direct else None)
 
     async def fetch_blocks(self, model_id: str, num_blocks: int) -> dict[int, dict[str, records.BlockRecord]]:
         found = await records.fetch_blocks(self.dht, model_id, num_blocks)
@@ -117,6 +121,7 @@ class HivemindTransport:
             raise PeerError(f"stream closed during {handler}: {e}", peer=peer_id) from e
         finally:
             writer.close()
+        raise_refusal(reply, f"{handler} of peer {peer_id}")
         if reply.get("type") == "error":
             raise PeerRefused(str(reply.get("message")), peer=peer_id)
         return reply

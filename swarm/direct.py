@@ -14,6 +14,9 @@ Authentication, both ways, with the same RSA identity keys as libp2p (swarm.iden
     listener's peer id, the handler and the nonce (PKCS#1 v1.5, SHA-256). The listener checks the
     signature, derives the dialer's peer id from the key and replies {"type": "welcome"}, or an error
     and closes. A hello is useless elsewhere: it names this listener and this nonce.
+  * In a private swarm (swarm.admission) the hello also carries "admission": {"key_id", "proof"}, the
+    dialer's proof that it holds the swarm key, made for its own peer id, this listener and the handler;
+    without a good one the listener answers an error of code "private" instead of the welcome.
   * After the welcome the stream is the handler's, framed like every swarm stream (swarm.protocol),
     and the handler sees the dialer's peer id exactly as p2pd would report it.
 """
@@ -40,9 +43,11 @@ from cryptography.x509.oid import NameOID
 from hivemind.p2p import PeerID
 from hivemind.utils.multiaddr import Multiaddr
 
-from swarm.errors import PeerError, PeerRefused, ProtocolError
+from swarm.admission import ERROR_PRIVATE, admit_fields, check_admit
+from swarm.errors import NotAdmitted, PeerError, PeerRefused, ProtocolError
 from swarm.identity import RSA_KEY_BITS, peer_id_of_public_key
 from swarm.protocol import ERROR_PROTOCOL, ERROR_REFUSED, error_message, read_message, require, write_message
+from swarm.swarmkey import SwarmKey
 
 logger = logging.getLogger(__name__)
 
@@ -122,9 +127,11 @@ class DirectServer:
     Connections count from accept (before TLS), at most MAX_CONNECTIONS in all and MAX_PER_HOST from one
     address; over that, a connection is closed at once (the dialer goes through p2pd)."""
 
-    def __init__(self, key: rsa.RSAPrivateKey, peer_id: str, handlers: dict[str, Handler]):
+    def __init__(self, key: rsa.RSAPrivateKey, peer_id: str, handlers: dict[str, Handler],
+                 swarm_key: SwarmKey | None = None):
         self.peer_id = peer_id
         self.handlers = handlers
+        self.swarm_key = swarm_key  # a private swarm's: dialers must prove they hold it (swarm.admission)
         self.accepted = 0  # streams handed to a handler
         self.refused = 0  # connections over the limits, that failed the handshake or named no handler here
         self._context = _server_context(key, peer_id)
@@ -163,7 +170,8 @@ class DirectServer:
                     handler, dialer = await self._handshake(reader, writer)
             except (ProtocolError, PeerRefused) as e:
                 self.refused += 1
-                code = ERROR_REFUSED if isinstance(e, PeerRefused) else ERROR_PROTOCOL
+                code = (ERROR_PRIVATE if isinstance(e, NotAdmitted) else
+                        ERROR_REFUSED if isinstance(e, PeerRefused) else ERROR_PROTOCOL)
                 logger.info("refused a direct stream from %s: %s", host, e)
                 with contextlib.suppress(Exception):
                     await write_message(writer, error_message(code, str(e), fatal=True))
@@ -202,18 +210,23 @@ class DirectServer:
             key.verify(signature, _signed_text(self.peer_id, name, nonce), padding.PKCS1v15(), hashes.SHA256())
         except InvalidSignature:
             raise ProtocolError("field 'signature' does not sign this challenge for this peer") from None
+        dialer = peer_id_of_public_key(key)
+        if self.swarm_key is not None:
+            check_admit(self.swarm_key, hello.get("admission"), dialer, self.peer_id, name)
         handler = self.handlers.get(name)
         if handler is None:
             raise PeerRefused(f"no handler {name!r} here; this peer serves {sorted(self.handlers)}")
         await write_message(writer, {"type": "welcome"})
-        return handler, peer_id_of_public_key(key)
+        return handler, dialer
 
 
 class DirectDialer:
     """Opens direct streams as one identity; remembers (peer, address) pairs that failed (RETRY_AFTER_S)."""
 
-    def __init__(self, key: rsa.RSAPrivateKey):
+    def __init__(self, key: rsa.RSAPrivateKey, swarm_key: SwarmKey | None = None):
         self._key = key
+        self._swarm_key = swarm_key  # shown in every hello (a private swarm's members demand it)
+        self._peer_id = peer_id_of_public_key(key.public_key())
         self._key_der = key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
@@ -270,9 +283,13 @@ class DirectDialer:
             if not isinstance(nonce, bytes) or len(nonce) < 16:
                 raise PeerError(f"bad direct-stream challenge from {addr}", peer=peer_id)
             signature = self._key.sign(_signed_text(peer_id, handler, nonce), padding.PKCS1v15(), hashes.SHA256())
-            await write_message(writer, {"type": "hello", "handler": handler, "key": self._key_der,
-                                         "signature": signature})
+            hello = {"type": "hello", "handler": handler, "key": self._key_der, "signature": signature}
+            if self._swarm_key is not None:
+                hello["admission"] = admit_fields(self._swarm_key, self._peer_id, peer_id, handler)
+            await write_message(writer, hello)
             reply = await read_message(reader, 64 * 1024)
+            if reply.get("type") == "error" and reply.get("code") == ERROR_PRIVATE:
+                raise NotAdmitted(f"direct stream to {addr} refused: {str(reply.get('message'))[:400]}", peer=peer_id)
             if reply.get("type") == "error":
                 raise PeerRefused(str(reply.get("message")), peer=peer_id)
             if reply.get("type") != "welcome":

@@ -6,6 +6,7 @@
     │   └── VersionMismatch    the other side speaks another protocol version
     ├── PeerError              a peer answered with an error, or did not answer in time
     │   └── PeerRefused        the peer refused the request on purpose (limits, draining, unknown blocks)
+    │       └── NotAdmitted    a private swarm refused us: we hold no swarm key, or another one
     ├── RoutingError           no chain of peers covers the model's blocks
     │   └── MissingBlocksError
     └── SessionError           an inference session cannot go on (length exceeded, closed)
@@ -42,6 +43,11 @@ class PeerError(SwarmError):
 
 class PeerRefused(PeerError):
     """The peer refused the request on purpose; retrying the same peer with the same request will not help."""
+
+
+class NotAdmitted(PeerRefused):
+    """A member of a private swarm refused us (swarm.admission): we hold no swarm key, or another one;
+    or we hold a key and the node we asked is no member of that private swarm. Fix: --swarm-key FILE."""
 
 
 class RoutingError(SwarmError):

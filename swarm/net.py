@@ -21,7 +21,9 @@ from hivemind.dht.validation import RecordValidatorBase
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.multiaddr import Multiaddr
 
+from swarm.admission import SwarmAuthorizer, SwarmP2P, check_swarm, serve_admission
 from swarm.errors import ConfigError
+from swarm.swarmkey import SwarmKey
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +66,14 @@ class NodeSettings:
     identity_path: str | None = None
     client_mode: bool = False
     startup_timeout_s: float = 30.0
+    swarm_key: SwarmKey | None = None  # a private swarm's key (swarm.admission); None = a public swarm
 
 
 async def start_p2p(settings: NodeSettings) -> P2P:
-    """Start p2pd (dies with this process). Raises ConfigError with advice on the usual failures."""
+    """Start p2pd (dies with this process). Raises ConfigError with advice on the usual failures.
+
+    With a swarm key, every stream it opens or serves is gated (swarm.admission.SwarmP2P). A node that
+    listens answers "is this swarm private?" (ADMISSION_HANDLER) for nodes that join through it."""
     host_maddr = f"/ip4/{settings.host}/tcp/{settings.port}" if ":" not in settings.host else (
         f"/ip6/{settings.host}/tcp/{settings.port}"
     )
@@ -83,11 +89,15 @@ async def start_p2p(settings: NodeSettings) -> P2P:
     _install_spawn_hook()
     token = _die_with_us.set(True)
     try:
-        return await P2P.create(**kwargs)
+        p2p = await SwarmP2P.create(**kwargs)
     except Exception as e:  # p2pd reports failures as bare exceptions with its own text
         raise ConfigError(_explain_p2p_failure(e, settings)) from e
     finally:
         _die_with_us.reset(token)
+    p2p.swarm_key = settings.swarm_key
+    if not settings.client_mode:
+        await serve_admission(p2p)
+    return p2p
 
 
 def _explain_p2p_failure(error: Exception, settings: NodeSettings) -> str:
@@ -106,7 +116,11 @@ async def start_dht(
     settings: NodeSettings,
     validator: RecordValidatorBase | None = None,
 ) -> DHTNode:
-    """A DHT node in this event loop over `p2p`."""
+    """A DHT node in this event loop over `p2p`. In a private swarm (settings.swarm_key) its RPCs carry and
+    demand the key's tokens (swarm.admission.SwarmAuthorizer). Raises NotAdmitted / ConfigError when the
+    initial peers refuse our key or our lack of one (swarm.admission.check_swarm)."""
+    key = settings.swarm_key
+    await check_swarm(p2p, settings.initial_peers, min(settings.startup_timeout_s / 3, 5.0))
     try:
         return await asyncio.wait_for(
             DHTNode.create(
@@ -114,6 +128,7 @@ async def start_dht(
                 initial_peers=list(settings.initial_peers),
                 client_mode=settings.client_mode,
                 record_validator=validator,
+                authorizer=SwarmAuthorizer(key) if key is not None else None,
                 num_workers=4,
             ),
             timeout=settings.startup_timeout_s,

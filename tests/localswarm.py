@@ -16,12 +16,14 @@ class InProcessSwarm:
     """Bootstrap node and PeerServers on one event loop in a background thread of this process.
 
     Real p2pd daemons and real DHT nodes, but no Python start-up per peer, so the family matrix stays
-    cheap. Peers are the same PeerServer objects `swarm peer` runs.
+    cheap. Peers are the same PeerServer objects `swarm peer` runs. `swarm_key`: a private swarm, whose
+    bootstrap, peers and clients all hold that key.
     """
 
-    def __init__(self):
+    def __init__(self, swarm_key=None):
         import asyncio
 
+        self.swarm_key = swarm_key
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="inprocess-swarm", daemon=True)
         self._thread.start()
@@ -39,7 +41,7 @@ class InProcessSwarm:
         from swarm.net import NodeSettings, start_dht, start_p2p, visible_maddrs
 
         identity = Identity.load_or_create(None)
-        settings = NodeSettings(identity_path=identity.p2pd_identity_path)
+        settings = NodeSettings(identity_path=identity.p2pd_identity_path, swarm_key=self.swarm_key)
         p2p = await start_p2p(settings)
         identity.close()
         dht = await start_dht(p2p, settings, records.make_record_validator(identity))
@@ -56,7 +58,7 @@ class InProcessSwarm:
 
         servers = [
             PeerServer(PeerConfig(model_path=str(model_path), span=Span.parse(s),
-                                  initial_peers=tuple(self.initial_peers), **config_fields))
+                                  initial_peers=tuple(self.initial_peers), swarm_key=self.swarm_key, **config_fields))
             for s in spans
         ]
 
@@ -83,7 +85,7 @@ class InProcessSwarm:
 
         def client(**fields):
             config = ClientConfig(initial_peers=tuple(self.initial_peers), model_id=model_id, step_timeout_s=10,
-                                  **fields)
+                                  **{"swarm_key": self.swarm_key, **fields})
             clients.append(DistributedModelForCausalLM.from_pretrained(model_path, client_config=config))
             return clients[-1]
 

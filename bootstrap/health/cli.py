@@ -14,11 +14,13 @@ import sys
 from dataclasses import fields
 
 from bootstrap.health.config import HealthConfig
+from bootstrap.health.publish import PUBLISH_MODES
 from bootstrap.health.server import HealthServer
 from swarm import records
 from swarm.errors import ConfigError, SwarmError
 from swarm.identity import Identity
 from swarm.net import NodeSettings, start_dht, start_p2p, stop_node
+from swarm.swarmkey import SwarmKey
 
 _DEFAULTS = {f.name: f.default for f in fields(HealthConfig)}
 
@@ -63,6 +65,15 @@ def add_health_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
         help="bound on each peer's info probe",
     )
     p.add_argument(
+        f"--{prefix}publish",
+        dest="health_publish",
+        choices=PUBLISH_MODES,
+        help="what the page, JSON and metrics show: full (every peer), summary (coverage and totals, no peer ids, "
+        "addresses or names) or none (403); default: full, or summary for a private swarm (--swarm-key)",
+    )
+    if not prefix:  # `swarm bootstrap` has its own --swarm-key, for the whole node
+        p.add_argument("--swarm-key", metavar="FILE", help="crawl a private swarm: its swarm key file")
+    p.add_argument(
         f"--{prefix}reachability-any-ip",
         dest="health_any_ip",
         action="store_true",
@@ -70,13 +81,18 @@ def add_health_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
     )
 
 
-def health_config(args: argparse.Namespace) -> HealthConfig:
+def health_config(args: argparse.Namespace, swarm_key: SwarmKey | None = None) -> HealthConfig:
+    """The config from the flags; `swarm_key` (the bootstrap's) wins over this command's --swarm-key."""
+    if swarm_key is None and getattr(args, "swarm_key", None):
+        swarm_key = SwarmKey.load(args.swarm_key)
     return HealthConfig(
         host=args.health_host,
         port=args.health_port,
         refresh_s=args.health_refresh_s,
         probe_timeout_s=args.health_probe_timeout_s,
         reachability_same_ip_only=not args.health_any_ip,
+        swarm_key=swarm_key,
+        publish=args.health_publish,
     )
 
 
@@ -90,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 async def serve(args: argparse.Namespace, config: HealthConfig) -> None:
     identity = Identity.load_or_create(None)
     settings = NodeSettings(
-        initial_peers=tuple(args.initial_peers), client_mode=True, identity_path=identity.p2pd_identity_path
+        initial_peers=tuple(args.initial_peers), client_mode=True, identity_path=identity.p2pd_identity_path,
+        swarm_key=config.swarm_key,
     )
     try:
         p2p = await start_p2p(settings)

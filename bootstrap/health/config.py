@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bootstrap.health.publish import PUBLISH_MODES
 from swarm.errors import ConfigError
+from swarm.swarmkey import SwarmKey
 
 
 @dataclass(frozen=True)
@@ -23,8 +25,17 @@ class HealthConfig:
     # cannot be used to scan other hosts; turn off only on a trusted network (behind a proxy, say).
     reachability_same_ip_only: bool = True
     max_query_chars: int = 2048  # longer query strings get 414
+    # a private swarm's key: the crawl and the reachability checks show it (swarm.admission)
+    swarm_key: SwarmKey | None = None
+    publish: str | None = None  # full | summary | none (bootstrap.health.publish); None: full, or summary if private
+
+    @property
+    def publish_mode(self) -> str:
+        return self.publish or ("summary" if self.swarm_key is not None else "full")
 
     def __post_init__(self) -> None:
+        if self.publish is not None and self.publish not in PUBLISH_MODES:
+            raise ConfigError(f"publish {self.publish!r}: expected one of {', '.join(PUBLISH_MODES)}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"health port {self.port} is outside [0, 65535]")
         for name in ("refresh_s", "dht_timeout_s", "probe_timeout_s", "reachability_timeout_s"):

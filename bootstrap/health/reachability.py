@@ -22,6 +22,7 @@ from hivemind.utils.multiaddr.exceptions import Error as MultiaddrError
 from swarm.errors import ConfigError, PeerError, ProtocolError
 from swarm.net import NodeSettings, start_p2p
 from swarm.probe import check_peer_id, request_info
+from swarm.swarmkey import SwarmKey
 
 logger = logging.getLogger(__name__)
 
@@ -94,14 +95,16 @@ class ReachabilityChecker:
     under a second) per check; checks come once per peer start-up, at most `max_concurrent` at once.
     """
 
-    def __init__(self, timeout_s: float):
+    def __init__(self, timeout_s: float, swarm_key: SwarmKey | None = None):
         self.timeout_s = timeout_s
+        self.swarm_key = swarm_key  # a private swarm's peers admit only probes that show it
 
     async def check(self, request: CheckRequest) -> Verdict:
         """Dial `request.addr`, ask `info`. A failed dial is the verdict, not an exception; PeerError only
         if the probe daemon itself cannot start."""
         try:
-            p2p = await start_p2p(NodeSettings(client_mode=True, startup_timeout_s=max(self.timeout_s, 15.0)))
+            p2p = await start_p2p(NodeSettings(client_mode=True, startup_timeout_s=max(self.timeout_s, 15.0),
+                                               swarm_key=self.swarm_key))
         except ConfigError as e:
             raise PeerError(f"the health server could not start its probe daemon: {e}") from e
         try:

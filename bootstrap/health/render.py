@@ -103,9 +103,11 @@ def e(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
-def report_html(report: Report, refresh_s: float) -> str:
+def report_html(report: Report, refresh_s: float, notice: str = "") -> str:
+    """`notice`: a line under the header (plain text; a private swarm's page says what it leaves out)."""
     refresh = max(2, round(refresh_s))
-    body = [_header(report), *(_model_section(m, report) for m in report.models)]
+    body = [_header(report), *((f'<p id="notice" class="muted">{e(notice)}</p>',) if notice else ()),
+            *(_model_section(m, report) for m in report.models)]
     if not report.models:
         body.append(f'<p class="empty">{_empty_reason(report)}</p>')
     body.append(_peers_table(report.peers, report.generated_at))

@@ -1,5 +1,9 @@
 """HealthServer: the HTTP face of the health monitor (aiohttp), in the caller's event loop.
 
+What the page, the JSON and the metrics show is the owner's choice (HealthConfig.publish, see
+publish.py): everything, a summary without peer ids and addresses (a private swarm's default), or
+nothing (403).
+
 Routes (GET and HEAD; any other method gets 405):
   /                        the HTML page (refreshes itself every refresh_s)
   /api/v1/state            the JSON document, schema "swarm.health/v1" (bootstrap/health/SCHEMA.md)
@@ -31,6 +35,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from bootstrap.health.config import HealthConfig
 from bootstrap.health.crawler import Crawler
 from bootstrap.health.metrics import report_metrics
+from bootstrap.health.publish import access, summary_json, summary_report
 from bootstrap.health.reachability import ReachabilityChecker, parse_request
 from bootstrap.health.render import report_html, report_json
 from bootstrap.health.snapshot import Snapshot
@@ -47,7 +52,7 @@ class HealthServer:
         self.config = config
         self.clock = clock
         self.crawler = Crawler(dht, p2p, config, clock)
-        self.checker = ReachabilityChecker(config.reachability_timeout_s)
+        self.checker = ReachabilityChecker(config.reachability_timeout_s, config.swarm_key)
         self.report: Report = summarize(Snapshot(), clock())
         self.refreshed = asyncio.Event()  # set after each published snapshot (tests wait on it)
         self._checks = asyncio.Semaphore(config.max_concurrent_reachability_checks)
@@ -123,16 +128,47 @@ class HealthServer:
             logger.exception("health server: %s %s failed", request.method, request.path_qs[:200])
             return _error(request, 500, "internal error; see the health server's log")
 
+    @property
+    def _private(self) -> bool:
+        return self.config.swarm_key is not None
+
+    def _unpublished(self, request: web.Request) -> web.Response | None:
+        """The 403 of a page whose owner publishes nothing (publish "none"), else None."""
+        if self.config.publish_mode != "none":
+            return None
+        return _error(request, 403, "this swarm's owner publishes nothing on its health page"
+                      + (" (a private swarm)" if self._private else ""))
+
+    def _published_report(self) -> Report:
+        return summary_report(self.report) if self.config.publish_mode == "summary" else self.report
+
     async def _page(self, request: web.Request) -> web.Response:
+        if (refused := self._unpublished(request)) is not None:
+            return refused
+        notice = ""
+        if self.config.publish_mode == "summary":
+            notice = ("Private swarm: " if self._private else "") + (
+                "its owner publishes a summary only (no peer ids, addresses, names or versions).")
+        elif self._private:
+            notice = "Private swarm: only holders of its swarm key may join; its owner publishes this page in full."
         return web.Response(
-            text=report_html(self.report, self.config.refresh_s), content_type="text/html", headers=_NO_CACHE
+            text=report_html(self._published_report(), self.config.refresh_s, notice),
+            content_type="text/html", headers=_NO_CACHE,
         )
 
     async def _state(self, request: web.Request) -> web.Response:
-        return web.json_response(report_json(self.report, self.config.refresh_s), headers=_NO_CACHE)
+        if (refused := self._unpublished(request)) is not None:
+            return refused
+        document = report_json(self.report, self.config.refresh_s)
+        if self.config.publish_mode == "summary":
+            document = summary_json(document)
+        document["access"] = access(self._private, self.config.publish_mode)
+        return web.json_response(document, headers=_NO_CACHE)
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = report_metrics(self.report, self.clock())
+        if (refused := self._unpublished(request)) is not None:
+            return refused
+        body = report_metrics(self._published_report(), self.clock())
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST, **_NO_CACHE})
 
     async def _reachability(self, request: web.Request) -> web.Response:
