@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from pathlib import Path
 
@@ -25,12 +26,14 @@ from client import loop
 from client.config import ClientConfig
 from client.policies import BanList
 from client.session import InferenceSession
+from client.speculative import Speculative, SpeculationStats, speculative_decode
 from client.swarmview import LatencyTable, SnapshotCache
 from client.transport import HivemindTransport
 from swarm.errors import ConfigError, SessionError
 from swarm.runtime import SpanModel, load_client_head, load_span
 from swarm.runtime.loading import quiet_progress_bars
 from swarm.spans import Span, check_model_id, default_model_id
+from swarm.swarmkey import SwarmKey, load_optional
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +60,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.latencies = LatencyTable()
         self.snapshots = SnapshotCache()
         self.bans = BanList(self.client_config.ban_policy)
+        self.last_speculation: SpeculationStats | None = None  # what the last speculative generate did
 
     def _check_and_adjust_experts_implementation(self, experts_implementation):
         return experts_implementation  # no experts run here: MoE blocks live on the peers
@@ -76,20 +80,28 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         device: str | torch.device = "cpu",
         client_config: ClientConfig | None = None,
         local_blocks: tuple[int, int] = (0, 0),
+        swarm_key: str | Path | SwarmKey | None = None,
     ) -> DistributedModelForCausalLM:
         """Load the local parts of the checkpoint at `path` and attach to the swarm through `initial_peers`.
 
         `local_blocks=(k_first, k_last)`: run the model's first k_first and last k_last blocks here, so no peer
         sees the embeddings' output (the tokens) or the last hidden states (what the head turns into the
-        next token); peers serve only the blocks between. Exact: the same block code as the peers'."""
+        next token); peers serve only the blocks between. Exact: the same block code as the peers'.
+
+        `swarm_key`: a private swarm's key file (or a loaded SwarmKey); without it a private swarm refuses
+        this client (NotAdmitted) when it first reaches the swarm."""
         path = Path(path)
         if not path.is_dir():
             raise ConfigError(f"{path}: no such model folder (the client needs config.json and the checkpoint)")
         if isinstance(initial_peers, str):
             initial_peers = [initial_peers]
-        client_config = client_config or ClientConfig(initial_peers=tuple(initial_peers), model_id=model_id)
+        key = load_optional(swarm_key)
+        client_config = client_config or ClientConfig(initial_peers=tuple(initial_peers), model_id=model_id,
+                                                      swarm_key=key)
         if initial_peers and not client_config.initial_peers:
             raise ConfigError("pass initial_peers either directly or in client_config, not both")
+        if key is not None and client_config.swarm_key != key:
+            raise ConfigError("pass swarm_key either directly or in client_config, not both")
         with quiet_progress_bars():  # a client loads three small tensors; no bar needed
             head = load_client_head(path, dtype=dtype, device=device)
         mid = check_model_id(model_id or client_config.model_id or default_model_id(str(path)))
@@ -125,7 +137,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             if self._transport is None:
                 self._transport = await HivemindTransport.create(
                     self.client_config.initial_peers, self.client_config.connect_timeout_s,
-                    direct=self.client_config.direct,
+                    direct=self.client_config.direct, swarm_key=self.client_config.swarm_key,
                 )
         return self._transport
 
@@ -159,13 +171,22 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------ generate / forward
 
     @torch.inference_mode()
-    def generate(self, inputs: torch.Tensor | None = None, **kwargs):
+    def generate(self, inputs: torch.Tensor | None = None, speculative=None, **kwargs):
+        """transformers' `generate`, through the swarm. `speculative` (True / "ngram" / a Speculative):
+        draft tokens locally and verify them through the route in one step each (client.speculative), the
+        same tokens as without; HF's `prompt_lookup_num_tokens=k` and `assistant_model=m` map to it."""
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         if input_ids is None:
             raise SessionError("generate needs input_ids (prompts as token ids)")
         num_beams = kwargs.get("num_beams") or self.generation_config.num_beams or 1
         if num_beams > 1:
             raise ConfigError("beam search is not supported over the swarm; use greedy or sampling")
+        spec = Speculative.of(speculative, kwargs.pop("prompt_lookup_num_tokens", None),
+                              kwargs.pop("assistant_model", None))
+        if spec is not None:
+            spec.check(self)
+            kwargs["custom_generate"] = functools.partial(speculative_decode, speculative=spec,
+                                                          streamer=kwargs.pop("streamer", None))
         if self._session is not None:
             return self._generate_in(self._session, input_ids, kwargs)
         with self.inference_session(max_length=self._worst_length(input_ids, kwargs)) as session:

@@ -53,6 +53,19 @@ class HopState:
     def kept_bytes(self) -> int:
         return sum(sum(t.numel() * t.element_size() for t in step) for step in self.inputs)
 
+    def truncate(self, length: int) -> None:
+        """Keep the inputs of the first `length` positions only (what a rollback leaves the peer holding)."""
+        kept, at = [], 0
+        for step in self.inputs:
+            new = step[0].shape[1]
+            if at + new > length:
+                if length > at:
+                    kept.append(tuple(t[:, : length - at] for t in step))
+                break
+            kept.append(step)
+            at += new
+        self.inputs = kept
+
     def kept(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """All kept inputs joined along the token axis, or None before the first step."""
         if not self.inputs:
@@ -125,6 +138,37 @@ class InferenceSession:
         self.position += new
         self.row_tokens += valid.sum(-1)
         return out.to(embeds.device, embeds.dtype)
+
+    def rollback(self, position: int) -> None:
+        """Go back to holding the first `position` positions on every span (speculative decoding drops the
+        draft tokens the model rejected). Kept inputs are cut to match, so a failover replays exactly the
+        positions that remain; each peer's rollback is sent now and confirmed with the next step (no round
+        trip of its own); a peer that cannot take it is routed around then, like any failed hop."""
+        if self.closed:
+            raise SessionError("this inference session is closed")
+        if not 0 <= position <= self.position:
+            raise SessionError(f"cannot roll back to position {position}: the session holds {self.position}")
+        if position == self.position:
+            return
+        dropped = self.hops[0].kept()[2][:, position:] if self.hops else None  # valid [batch, dropped]
+        for hop in self.hops:
+            hop.truncate(position)
+        for cache in self.local_caches:
+            if cache is not None:
+                cache.truncate(position)
+        if dropped is not None:
+            self.row_tokens = self.row_tokens - dropped.sum(-1)
+        self.position = position
+        loop.run(self._send_rollbacks(position), timeout_s=None)
+
+    async def _send_rollbacks(self, position: int) -> None:
+        for hop in list(self.hops):  # a replacement (rebuilt from the cut inputs) needs no rollback
+            try:
+                await asyncio.wait_for(hop.stream.rollback(position), self.model.client_config.step_timeout_s)
+            except (ConnectionError, TimeoutError, RuntimeError) as e:  # a broken stream: rebuilt right away
+                self._ban_for(hop.peer_id, e)
+                logger.warning("hop %s [%s] failed its rollback: %r", hop.peer_id[-6:], hop.span, e)
+                await self._replace(self.hops.index(hop), f"failed: {e!r}")
 
     def _run_local(self, which: int, span, hidden: torch.Tensor, position_ids, valid) -> torch.Tensor:
         """Blocks this client runs itself (model.local_spans[which], None: none), on its own cache."""

@@ -6,11 +6,15 @@ a malformed or non-finite result is the peer's failure (PeerError naming it), ne
 Server-to-server steps: `step(..., push=route)` asks the peer to send its output on to the next hops
 itself; `forwarded_step` then waits for a hop's result without sending anything, and sends the step
 itself (marked "fallback") only if the result has not come within the forward wait.
+
+Rollback: `rollback(position)` sends the message and returns at once; its reply comes in order before
+the next step's result, which reads (and checks) it first, so a rollback costs no round trip of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 
 import torch
 
@@ -65,6 +69,7 @@ class SpanStream:
         self.pushed = False  # whether the peer pushed the last step's output on to the next hop
         self.drain_deadline: float | None = None  # set when the peer says in-band that it is leaving
         self._reading: asyncio.Future | None = None  # the read of the next reply, never cut mid-message
+        self._rollbacks: list[int] = []  # positions of rollbacks sent whose replies were not read yet
 
     @classmethod
     async def open(cls, transport, hop: Hop, addrs, model_id: str, batch_size: int, max_length: int, config):
@@ -107,11 +112,36 @@ class SpanStream:
         """Send one step; return the peer's output hidden states ([batch, new, hidden], our dtype).
         `push`: the route's next hops (push targets) for the peer to send its output to."""
         await self._send(hidden, position_ids, valid, position, push, fallback)
+        await self._rolled_back()
         return await self._result(hidden, position, self._timeout_s(hidden))
+
+    async def rollback(self, position: int) -> None:
+        """Ask the peer to hold only the session's first `position` tokens; the reply is read (and checked)
+        by the next step. Raises ConnectionError if the stream is broken."""
+        await write_message(self.writer, {"type": "rollback", "minor": PROTOCOL_MINOR, "position": position})
+        self._rollbacks.append(position)
+
+    async def _rolled_back(self) -> None:
+        """Read the replies of the rollbacks sent since the last result: each must confirm its position."""
+        while self._rollbacks:
+            try:
+                reply = await self._await_reply(self.config.step_timeout_s)
+            except TimeoutError:
+                raise PeerError(f"no reply to a rollback within {self.config.step_timeout_s} s",
+                                peer=self.hop.peer_id) from None
+            _raise_refusal(reply, self.hop)
+            expected = self._rollbacks.pop(0)
+            if reply.get("type") != "rolled_back" or reply.get("position") != expected:
+                raise PeerError(f"answer to a rollback to {expected}: type {reply.get('type')!r}, position "
+                                f"{reply.get('position')!r}", peer=self.hop.peer_id)
+            deadline = reply.get("drain_deadline")
+            if type(deadline) in (int, float) and math.isfinite(deadline):
+                self.drain_deadline = float(deadline)
 
     async def forwarded_step(self, hidden, position_ids, valid, position: int, push=()) -> torch.Tensor:
         """The result of a step the previous peer pushed here; `hidden` etc. are what it pushed (the
         client's copy). Sends the step itself (fallback) if no result comes within the forward wait."""
+        await self._rolled_back()
         tokens = hidden.shape[0] * hidden.shape[1]
         wait_s = self.config.forward_wait_s + tokens * self.config.step_timeout_per_token_s
         try:

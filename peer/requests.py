@@ -138,3 +138,14 @@ def parse_push(value) -> tuple[PushTarget, ...]:
             require_int(hop.get("minor", 1), f"push[{i}].minor", 0, 1 << 16),
         ))
     return tuple(targets)
+
+
+def parse_rollback(message: dict, *, position: int) -> int:
+    """The position a "rollback" takes its session back to: an int in [0, position] (the session's own)."""
+    target = require(message.get("position"), int, "position")
+    if not 0 <= target <= position:
+        raise ProtocolError(
+            f"field 'position': cannot roll back to {target}; the session holds {position} tokens, so a "
+            f"rollback goes to a position in [0, {position}]"
+        )
+    return target

@@ -59,6 +59,15 @@ class Session:
     def position(self) -> int:
         return self.cache.length
 
+    def rollback(self, position: int) -> None:
+        """Hold only the first `position` cache slots (0 <= position <= self.position, checked by
+        peer.requests.parse_rollback); called between steps, never while one of this session's steps runs.
+        A forwarded step that ran at or after `position` is forgotten: the client's copy of a step there is a
+        new step, not a duplicate of it."""
+        self.cache.truncate(position)
+        if self.forwarded_at is not None and self.forwarded_at >= position:
+            self.forwarded_at = None
+
     def end(self, reason: BaseException) -> None:
         """Stop this session's handler at once: its next inbox read, or the step it waits on, raises
         `reason` (the handler then closes the session, which drops its queued steps)."""

@@ -35,6 +35,17 @@ target's "minor". A pusher sends steps to a target of minor >= 2 batched: {"type
 message (up to 1 MiB of hidden states; a bigger cohort takes several); each step in it is checked
 and taken or dropped exactly as if it had come alone. Steps whose hidden states exceed 64 KiB
 (prompts) still travel alone, on a stream of their own.
+
+Rollback (minor 3): {"type": "rollback", "minor", "position": N} on an inference stream takes the
+session back to holding its first N positions (speculative decoding drops the rejected draft tokens; a
+client may rewind a step it does not trust). N must lie in [0, the session's position]; anything else
+gets a non-fatal ERROR_PROTOCOL reply naming the session's position, and the session is unchanged.
+Success is answered {"type": "rolled_back", "position": N} (plus "drain_deadline" while draining), in
+order with the results, so a client may send a rollback and the next step back to back and read both
+replies after. The peer forgets every cache slot from N on and the bookkeeping of forwarded steps past
+it (a fallback copy at a rolled-back position is a new step, not a duplicate). A step pushed by the
+previous peer that arrives before its hop's rollback is at a position the session has passed, and is
+dropped like any stale copy; the client then sends it itself after its forward wait (slower, never wrong).
 """
 
 from __future__ import annotations
@@ -53,7 +64,8 @@ import torch
 from swarm.errors import ProtocolError
 
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 2  # 1: server-to-server steps (push / forward); 2: forwarded steps travel in batches
+PROTOCOL_MINOR = 3  # 1: server-to-server steps (push / forward); 2: forwarded steps travel in batches;
+# 3: "rollback" of a session to an earlier position
 BATCH_MINOR = 2  # a peer that said this minor (or later) in "opened" takes {"type": "steps"} batches
 INFERENCE_HANDLER = f"/swarm/v{PROTOCOL_MAJOR}/inference"
 INFO_HANDLER = f"/swarm/v{PROTOCOL_MAJOR}/info"
@@ -157,6 +169,8 @@ def unpack_tensor(obj: Any, field: str, *, dtypes: set[str] | None = None, rank:
     expected = math.prod(shape) * _ITEMSIZE[dtype_name]
     if len(data) != expected:
         raise ProtocolError(f"{field}: {len(data)} bytes do not match shape {shape} of {dtype_name} ({expected})")
+    if dtype_name == "bool" and data.translate(None, b"\x00\x01"):  # torch leaves other bytes undefined
+        raise ProtocolError(f"{field}: bool values must be the bytes 0 or 1")
     if expected == 0:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
@@ -215,6 +229,8 @@ def require_int(value: Any, field: str, lo: int, hi: int) -> int:
 
 def check_minor(message: dict) -> None:
     minor = require(message.get("minor", 0), int, "minor")
+    if minor < 0:
+        raise ProtocolError(f"field 'minor': {minor} is no version (this peer speaks 0..{PROTOCOL_MINOR})")
     if minor > PROTOCOL_MINOR:
         raise ProtocolError(
             f"protocol v{PROTOCOL_MAJOR}.{minor} is newer than this peer's v{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}; "
