@@ -17,6 +17,7 @@ import swarm
 from swarm import records
 from swarm.protocol import PROTOCOL_MAJOR
 from swarm.runtime.loading import config_hash, dtype_name
+from swarm.runtime.quant import weight_bits
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +25,14 @@ logger = logging.getLogger(__name__)
 # choice): its blocks' hashes are not known yet. Clients never route to joining peers; the record of an
 # online peer always carries the hashes of the tensors it loaded.
 UNLOADED_HASH = "00" * 16
+
+
+def _precision_fields(server) -> dict:
+    """quant, weight_bits and kv_dtype of the record (schema 1.3), from what the server was told to serve."""
+    config = server.config
+    quant = getattr(config, "quant", "none")
+    return {"quant": quant, "weight_bits": weight_bits(quant, server.dtype),
+            "kv_dtype": getattr(config, "kv_dtype", "auto")}
 
 
 class Announcer:
@@ -49,6 +58,7 @@ class Announcer:
             direct=tuple(s.direct_addrs[: records.MAX_ADDRS]),
             drain_deadline=s.drain_deadline if draining else None,
             next_start=next_span.start if next_span else None, next_end=next_span.end if next_span else None,
+            **_precision_fields(s),
         )
 
     async def announce(self, state: str) -> None:

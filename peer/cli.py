@@ -23,6 +23,7 @@ import sys
 
 from swarm.errors import ConfigError, SwarmError
 from swarm.spans import Span
+from swarm.swarmkey import SwarmKey
 
 from peer.config import PeerConfig
 
@@ -65,11 +66,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve over libp2p only (no direct streams)")
     p.add_argument("--announce-maddrs", nargs="*", default=[], help="addresses others should dial (NAT, relay)")
     p.add_argument("--identity", help="identity file; created if missing, a restart with it is the same peer")
+    p.add_argument("--swarm-key", metavar="FILE",
+                   help="join a private swarm: its swarm key file (from its owner; `swarm make-swarm-key` makes one)")
     p.add_argument("--model-id", help="name announced for the model (default: the checkpoint folder's name)")
     p.add_argument("--public-name", default="", help="a name shown on the health page")
     p.add_argument("--health-url", help="the swarm's health page (http://host:port); checks reachability at start")
     p.add_argument("--device", default=d["device"], help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--quant", choices=["none", "int8", "fp8", "nf4"], default=d["quant"],
+                   help="store the blocks' linear weights in lower precision (torchao; pip install "
+                        "'swarm-llm[quant]'): int8 and fp8 halve bf16 weights, nf4 quarters them; announced, "
+                        "so clients that ask for full precision route around this peer")
+    p.add_argument("--kv-dtype", choices=["auto", "fp8"], default=d["kv_dtype"],
+                   help="KV cache pages: auto (the dtype) or fp8 (float8 codes with a scale per vector: about half "
+                        "of bf16, so twice the cached tokens)")
+    p.add_argument("--offload-blocks", type=int, default=d["offload_blocks"], metavar="N",
+                   help="keep the weights of the span's last N blocks in host RAM and stream them to the device "
+                        "for each forward (more blocks than the GPU holds, at the cost of PCIe traffic per step)")
+    p.add_argument("--kv-offload", action="store_true",
+                   help="keep the KV cache in host RAM (--cache-bytes then counts host memory): a longer context "
+                        "than the GPU holds, each step reading its session's cache over PCIe")
     p.add_argument("--cache-tokens", type=int, default=d["cache_tokens"], help="KV cache budget in token slots")
     p.add_argument("--cache-bytes", type=parse_size, metavar="SIZE",
                    help="KV cache budget in bytes (e.g. 20GiB, 512MB; overrides --cache-tokens), or 'auto': "
@@ -120,8 +136,10 @@ def config_from_args(args: argparse.Namespace) -> PeerConfig:
         model_path=args.model, span=Span.parse(args.blocks) if args.blocks else None,
         initial_peers=tuple(args.initial_peers),
         host=args.host, port=args.port, direct_port=args.direct_port, announce_maddrs=tuple(args.announce_maddrs), identity_path=args.identity,
+        swarm_key=SwarmKey.load(args.swarm_key) if args.swarm_key else None,
         model_id=args.model_id, public_name=args.public_name, health_url=args.health_url, device=args.device, dtype=args.dtype,
-        cache_tokens=args.cache_tokens, cache_bytes=args.cache_bytes,
+        cache_tokens=args.cache_tokens, cache_bytes=args.cache_bytes, quant=args.quant, kv_dtype=args.kv_dtype,
+        offload_blocks=args.offload_blocks, kv_offload=args.kv_offload,
         max_sessions_per_client=args.max_sessions_per_client, max_batch_tokens=args.max_batch_tokens,
         prefill_chunk_tokens=args.prefill_chunk_tokens, admission_timeout_s=args.admission_timeout_s,
         batch_wait_ms=args.batch_wait_ms,
@@ -146,10 +164,19 @@ def _bytes(size: int | str | None, flag: str) -> int | None:
 def status_line(server, config: PeerConfig) -> str:
     """The one-line status a volunteer sees once the peer is online."""
     link = f"; health page: {config.health_url.rstrip('/')}/#peer-{server.peer_id}" if config.health_url else ""
+    private = f" in the private swarm of key {config.swarm_key.key_id}" if config.swarm_key else ""
     return (
-        f"online: serving blocks {server.span} of {server.model_id} on {config.device} "
+        f"online: serving blocks {server.span} of {server.model_id}{_precision(config)}{private} on {config.device} "
         f"({server.compute_tokens_s:.0f} tokens/s per block, {server.sessions.cache_tokens_left} cache slots){link}"
     )
+
+
+def _precision(config: PeerConfig) -> str:
+    parts = [f"{config.quant} weights"] if config.quant != "none" else []
+    parts += ["fp8 KV cache"] if config.kv_dtype == "fp8" else []
+    parts += [f"{config.offload_blocks} blocks' weights in host RAM"] if config.offload_blocks else []
+    parts += ["KV cache in host RAM"] if config.kv_offload else []
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 async def serve(config: PeerConfig) -> None:

@@ -7,6 +7,7 @@ from urllib.parse import urlsplit
 
 from swarm.errors import ConfigError
 from swarm.spans import Span
+from swarm.swarmkey import SwarmKey
 
 
 @dataclass(frozen=True)
@@ -19,11 +20,17 @@ class PeerConfig:
     announce_maddrs: tuple[str, ...] = ()
     direct_port: int | None = 0  # TCP port of direct TLS streams (swarm.direct); 0 = any free port, None = off
     identity_path: str | None = None
+    swarm_key: SwarmKey | None = None  # a private swarm's key (swarm.admission); None = a public swarm
     model_id: str | None = None  # default: the checkpoint folder's name
     public_name: str = ""
     health_url: str | None = None  # the swarm's health page; the peer links to it and asks it for reachability
     device: str = "cpu"
     dtype: str | None = None  # default: float32 on CPU, bfloat16 on CUDA
+    # lower precision and offloading (swarm.runtime.quant, swarm.runtime.offload), announced in the record
+    quant: str = "none"  # weights of the blocks' linear layers: none, int8, fp8 or nf4 (torchao)
+    kv_dtype: str = "auto"  # KV cache pages: auto (the dtype) or fp8
+    offload_blocks: int = 0  # the span's last N blocks keep their weights in host RAM, streamed in per forward
+    kv_offload: bool = False  # the KV cache lives in host RAM (a longer context than the device holds)
     attn_implementation: str = "sdpa"
     progress: bool = False  # progress bars while loading (the CLI turns them on)
     num_threads: int | None = None  # torch CPU threads; None = torch's default (all cores)
@@ -90,6 +97,7 @@ class PeerConfig:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         self._check_placement()
+        self._check_precision()
         if self.drain_notice_url is not None:
             url = urlsplit(self.drain_notice_url)
             if url.scheme not in ("http", "https") or not url.netloc:
@@ -97,6 +105,18 @@ class PeerConfig:
                     f"drain notice URL {self.drain_notice_url!r} is not an http(s) URL; "
                     "e.g. http://169.254.169.254/latest/meta-data/spot/instance-action"
                 )
+
+    def _check_precision(self) -> None:
+        from swarm.runtime.quant import KV_FORMATS, WEIGHT_SCHEMES
+
+        if self.quant not in WEIGHT_SCHEMES:
+            raise ConfigError(f"--quant {self.quant!r}: use one of {', '.join(WEIGHT_SCHEMES)}")
+        if self.kv_dtype not in KV_FORMATS:
+            raise ConfigError(f"--kv-dtype {self.kv_dtype!r}: use one of {', '.join(KV_FORMATS)}")
+        if self.offload_blocks < 0:
+            raise ConfigError(f"--offload-blocks must be >= 0, got {self.offload_blocks}")
+        if self.offload_blocks and self.quant != "none":
+            raise ConfigError("--offload-blocks keeps blocks in the dtype; it does not combine with --quant yet")
 
     def _check_placement(self) -> None:
         if self.span is not None and self.num_blocks is not None:

@@ -38,6 +38,7 @@ class ForwardStats:
     rejected: int = 0  # forwarded steps for no session here, or whose token does not fit pusher and position
     dropped: int = 0  # forwarded steps that failed the step decoder (the client then sends the step itself)
     duplicates: int = 0  # copies dropped: a forwarded step after the client's own, or a fallback after the forward
+    overflowed: int = 0  # forwarded steps dropped because their session already held FORWARD_BACKLOG of them
 
     def as_dict(self) -> dict:
         return asdict(self)

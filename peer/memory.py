@@ -52,18 +52,11 @@ def check_fits(memory: SpanMemory, span: Span, cache_bytes: int, device: str, fr
     )
 
 
-def block_weight_bytes(model_path: str, dtype: torch.dtype) -> list[int]:
-    """Each block's weights in `dtype`, from the checkpoint's headers (no tensor is read)."""
-    from swarm.runtime.checkpoint import CheckpointReader, block_of_key
-    from swarm.runtime.loading import load_config
+def block_weight_bytes(model_path: str, dtype: torch.dtype, quant: str = "none") -> list[int]:
+    """Each block's weights on the device in `dtype` under weight scheme `quant` (no tensor is read)."""
+    from swarm.runtime.loading import block_weight_bytes as weights
 
-    num_blocks = load_config(model_path).num_hidden_layers
-    reader = CheckpointReader(model_path)
-    by_block: dict[int, list[str]] = {}
-    for key in reader.keys(lambda k: block_of_key(k) is not None):
-        by_block.setdefault(block_of_key(key), []).append(key)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return [reader.numel(by_block.get(block, [])) * itemsize for block in range(num_blocks)]
+    return weights(model_path, dtype, quant)
 
 
 def blocks_that_fit(
@@ -113,20 +106,29 @@ def blocks_to_take(config, model_config, dtype: torch.dtype) -> tuple[int, str]:
         if config.num_blocks > num_blocks:
             raise ConfigError(f"--num-blocks {config.num_blocks}: the model has only {num_blocks} blocks")
         return config.num_blocks, f"{config.num_blocks} blocks (--num-blocks)"
-    weights = block_weight_bytes(config.model_path, dtype)
+    weights = block_weight_bytes(config.model_path, dtype, config.quant)
     fixed = activation_bytes(model_config, config.max_batch_tokens)
-    if isinstance(config.cache_bytes, int):
+    if config.kv_offload:  # the KV cache lives in host RAM: none of it on the device
+        kv_per_block = 0
+    elif isinstance(config.cache_bytes, int):
         kv_per_block, fixed = 0, fixed + config.cache_bytes
     else:
-        kv_per_block = span_memory(config.model_path, Span(0, 1), dtype).kv_bytes(config.cache_tokens)
+        one = span_memory(config.model_path, Span(0, 1), dtype, config.quant, config.kv_dtype)
+        kv_per_block = one.kv_bytes(config.cache_tokens)
+    offload = config.offload_blocks
+    if offload:  # two blocks' staging on the device; the offloaded blocks themselves in host RAM
+        fixed += sum(sorted(weights, reverse=True)[:2])
     budget = config.memory_bytes or free_bytes(config.device)
-    k = blocks_that_fit(budget, weights, kv_per_block, fixed)
-    if k == 0:
+    k = min(blocks_that_fit(budget, weights, kv_per_block, fixed) + offload, num_blocks)
+    if k == 0 or k == offload:
         raise ConfigError(
             f"not enough memory for even one block: {fmt(max(weights))} of weights + "
             f"{fmt(kv_per_block + fixed)} of KV cache and activations in a budget of {fmt(budget)}; "
             "lower --cache-tokens / --cache-bytes, "
             "use --dtype bfloat16 or a bigger device"
         )
+    precision = f", {config.quant} weights" if config.quant != "none" else ""
+    precision += ", fp8 KV cache" if config.kv_dtype == "fp8" else ""
+    host = f", {offload} of them with weights in host RAM" if offload else ""
     return k, (f"{k} of {num_blocks} blocks fit {fmt(budget)} (up to {fmt(max(weights))} of weights and "
-               f"{fmt(kv_per_block)} of KV cache per block, {fmt(fixed)} fixed)")
+               f"{fmt(kv_per_block)} of KV cache per block, {fmt(fixed)} fixed{precision}{host})")

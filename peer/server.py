@@ -29,7 +29,7 @@ from peer.memory import blocks_to_take
 from peer.network import NetworkStats, neighbour_records, run_probes
 from peer.placement import SwarmSnapshot
 from peer.rebalance import PeerPosition, Rebalancer, place_on_join, read_snapshot, typical_tokens_s
-from peer.requests import message_type, parse_open, parse_step
+from peer.requests import message_type, parse_open, parse_rollback, parse_step
 from peer.scheduler import Scheduler
 from peer.sessions import Session, SessionManager
 from peer.stack import build_stack, plan_memory
@@ -49,6 +49,7 @@ from swarm.protocol import (
     PROTOCOL_MAJOR,
     PROTOCOL_MINOR,
     WIRE_DTYPES,
+    check_minor,
     error_message,
     pack_tensor,
     push_token,
@@ -58,6 +59,7 @@ from swarm.protocol import (
 )
 from swarm.runtime import CacheFull, KVBudget, SpanModel, load_span
 from swarm.runtime.loading import config_hash, dtype_name, load_config, parse_dtype
+from swarm.runtime.quant import weight_bits
 from swarm.spans import Span, check_model_id, default_model_id
 
 logger = logging.getLogger(__name__)
@@ -157,9 +159,12 @@ class PeerServer:
             lambda: load_span(
                 self.config.model_path, span, dtype=self.dtype, device=self.config.device,
                 attn_implementation=self.config.attn_implementation, progress=self.config.progress,
+                quant=self.config.quant, offload_blocks=self.config.offload_blocks,
             ),
         )
-        stack = build_stack(self.config, SpanModel(loaded, cuda_graphs=self.config.cuda_graphs), self.model_config,
+        span_model = SpanModel(loaded, cuda_graphs=self.config.cuda_graphs, kv_dtype=self.config.kv_dtype,
+                               kv_offload=self.config.kv_offload)
+        stack = build_stack(self.config, span_model, self.model_config,
                             planned, batch_wait_s(self.config), self.say)
         self.span_model, self.budget, self.scheduler, self.sessions = (
             stack.span_model, stack.budget, stack.scheduler, stack.sessions)
@@ -172,7 +177,7 @@ class PeerServer:
     async def _throughput(self, span_model: SpanModel | None) -> float | None:
         """Per-block tokens/s from the cache (peer.throughput), else measured on `span_model` and cached;
         None when not cached and nothing is loaded to measure."""
-        key = throughput_key(torch.device(self.config.device), dtype_name(self.dtype), config_hash(self.model_config))
+        key = throughput_key(torch.device(self.config.device), self.precision_key, config_hash(self.model_config))
         cached = None if self.config.remeasure_throughput else self.throughput_cache.get(key)
         if cached is not None or span_model is None:
             return cached
@@ -188,6 +193,7 @@ class PeerServer:
         settings = NodeSettings(
             initial_peers=self.config.initial_peers, host=self.config.host, port=self.config.port,
             announce_maddrs=self.config.announce_maddrs, identity_path=self.identity.p2pd_identity_path,
+            swarm_key=self.config.swarm_key,
         )
         self.announcer = Announcer(self)
         try:
@@ -196,7 +202,7 @@ class PeerServer:
             self.identity.close()  # an ephemeral key file is read once by p2pd at start
         self.dht = await start_dht(self.p2p, settings, records.make_record_validator(self.identity))
         self.addrs = await visible_maddrs(self.p2p)
-        self.dialer = DirectDialer(self.identity.private_key)
+        self.dialer = DirectDialer(self.identity.private_key, self.config.swarm_key)
         self.channels = PushChannels(self.p2p, self.dialer, self.config.forward_timeout_s, self._record_of,
                                      self.forward_stats)
 
@@ -209,7 +215,7 @@ class PeerServer:
             self.direct = DirectServer(self.identity.private_key, self.peer_id, {
                 INFERENCE_HANDLER: self._handle_inference, INFO_HANDLER: self._handle_info,
                 FORWARD_HANDLER: self._handle_forward,
-            })
+            }, self.config.swarm_key)
             try:
                 port = await self.direct.start(self.config.host, self.config.direct_port)
             except OSError as e:
@@ -323,12 +329,28 @@ class PeerServer:
             "state": self.state,
             **self._drain_fields(),
             "dtype": dtype_name(self.dtype),
+            "precision": self.precision,
             "hidden_size": self.model_config.hidden_size,
             "limits": self.config.limits,
             "cache_tokens_left": self.sessions.cache_tokens_left if self.sessions else 0,
             "active_sessions": self.sessions.active if self.sessions else 0,
             **self._load_fields(),
         }
+
+    @property
+    def precision(self) -> dict:
+        """What this peer serves at (announced in the record, shown on the health page)."""
+        c = self.config
+        return {"quant": c.quant, "weight_bits": weight_bits(c.quant, self.dtype), "kv_dtype": c.kv_dtype,
+                "offload_blocks": c.offload_blocks, "kv_offload": c.kv_offload}
+
+    @property
+    def precision_key(self) -> str:
+        """The dtype and whatever else changes the compute throughput (the throughput cache's key)."""
+        c = self.config
+        extras = [c.quant] * (c.quant != "none") + ["kv_fp8"] * (c.kv_dtype == "fp8")
+        extras += [f"offload{c.offload_blocks}"] * bool(c.offload_blocks) + ["kv_host"] * c.kv_offload
+        return "+".join([dtype_name(self.dtype), *extras])
 
     def _load_fields(self) -> dict:
         """KV memory, device memory and batching figures (benchmarks and the health page read them)."""
@@ -380,7 +402,9 @@ class PeerServer:
     async def _handle_info(self, stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             try:
-                await asyncio.wait_for(read_message(reader, 64 * 1024), timeout=self.config.open_timeout_s)
+                request = await asyncio.wait_for(read_message(reader, 64 * 1024), self.config.open_timeout_s)
+                if (kind := message_type(request)) != "info":
+                    raise ProtocolError(f"field 'type': an info stream takes 'info', not {kind!r}")
             except ProtocolError as e:  # answered like any bad message, so the client learns why
                 await self._send_fatal(reader, writer, ERROR_PROTOCOL, str(e))
                 return
@@ -493,8 +517,13 @@ class PeerServer:
             kind = message_type(message)
             if kind == "close" and source == "client":
                 return False
+            if kind == "rollback" and source == "client":
+                session.rollback(parse_rollback(message, position=session.position))
+                await write_message(writer, {"type": "rolled_back", "position": session.position,
+                                             **self._drain_fields()})
+                return True
             if kind != "step":
-                raise ProtocolError(f"unknown message type {kind!r} (expected 'step' or 'close')")
+                raise ProtocolError(f"unknown message type {kind!r} (expected 'step', 'rollback' or 'close')")
             if source == "forward" and message.get("position") != session.position:
                 self.forward_stats.duplicates += 1  # the client's own copy ran first (or the pusher is confused)
                 return True
@@ -583,6 +612,8 @@ class PeerServer:
                     message = await read_message(reader, self.config.max_message_bytes)
                 batched = message.get("type") == "steps"
                 try:
+                    if batched:
+                        check_minor(message)  # the batch's own version; each step in it carries one too
                     steps = require(message.get("steps"), list, "steps") if batched else [message]
                     claims = [_forward_claim(step) for step in steps]
                 except ProtocolError as e:
@@ -609,6 +640,7 @@ class PeerServer:
             self.forward_stats.rejected += 1
             return None
         if session.forwards_queued >= FORWARD_BACKLOG:
+            self.forward_stats.overflowed += 1
             return None
         session.forwards_queued += 1
         return session
