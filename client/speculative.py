@@ -27,8 +27,11 @@ expected tokens of a round with k drafts, (1 - a^(k+1)) / (1 - a); k maximises t
 cost, 1 + extra_token_cost * k, between min and max. Rounds where the draft source has nothing (no
 earlier occurrence of the n-gram) are plain steps.
 
-Batches: rows share the session, so a round accepts the drafts every unfinished row accepted; each row
-still gets its own picked token at that position, so every row stays exact.
+Batches: rows share the session, so a round goes on only while every row picked its draft. A row that
+finished under an EOS criterion gets padding (as in `_sample`), so its drafts are padding and always
+stand; a row that a criterion without EOS finished goes on picking tokens in `_sample`, so it drafts and
+is checked like any other row. The session thus holds, row by row, the tokens plain decoding would have
+fed, and every row's tokens and scores stay exact.
 """
 
 from __future__ import annotations
@@ -87,11 +90,15 @@ class ModelDrafter:
     each call crops it to the prefix it shares with the row's tokens and feeds only the rest."""
 
     def __init__(self, model):
+        self.model = model
+        self.cache = self._new_cache()
+        self.seen: list[int] = []  # the tokens whose K/V the cache holds
+
+    @staticmethod
+    def _new_cache():
         from transformers import DynamicCache
 
-        self.model = model
-        self.cache = DynamicCache()
-        self.seen: list[int] = []  # the tokens whose K/V the cache holds
+        return DynamicCache()  # no config: full-attention layers, which crop exactly
 
     @torch.inference_mode()
     def draft(self, tokens: list[int], k: int) -> list[int]:
@@ -103,13 +110,19 @@ class ModelDrafter:
                 break
             common += 1
         common = min(common, len(tokens) - 1)  # at least one token goes in, for the logits after it
-        if common < self.cache.get_seq_length():
-            self.cache.crop(common)
+        remove = self.cache.get_seq_length() - common
+        if remove > 0:
+            try:
+                if not self.cache.is_croppable:
+                    raise ValueError("this cache cannot be cropped exactly")
+                self.cache.crop(-remove)  # transformers 5: a negative count of tokens to drop
+            except (RuntimeError, ValueError):  # start over: a draft costs time, never exactness
+                self.cache, common = self._new_cache(), 0
         device = self.model.device
         feed = torch.tensor([tokens[common:]], device=device)
         out: list[int] = []
         for _ in range(k):
-            logits = self.model(input_ids=feed, past_key_values=self.cache, use_cache=True).logits[0, -1]
+            logits = self.model(input_ids=feed, cache=self.cache, use_cache=True).logits[0, -1]
             out.append(int(logits.argmax()))
             feed = torch.tensor([[out[-1]]], device=device)
         self.seen = list(tokens) + out[:-1]
@@ -176,7 +189,8 @@ class Speculative:
         if type(self.max_draft_tokens) is not int or not 1 <= self.max_draft_tokens <= 64:
             raise ConfigError(f"max_draft_tokens must be an int in [1, 64], got {self.max_draft_tokens!r}")
         if type(self.min_draft_tokens) is not int or not 1 <= self.min_draft_tokens <= self.max_draft_tokens:
-            raise ConfigError(f"min_draft_tokens must be in [1, max_draft_tokens], got {self.min_draft_tokens!r}")
+            raise ConfigError(f"min_draft_tokens must be in [1, max_draft_tokens], "
+                              f"got {self.min_draft_tokens!r}")
         if not 1 <= self.min_ngram <= self.max_ngram:
             raise ConfigError(f"n-gram sizes must satisfy 1 <= min_ngram <= max_ngram, got "
                               f"{self.min_ngram}, {self.max_ngram}")
@@ -185,23 +199,27 @@ class Speculative:
 
     @classmethod
     def of(cls, speculative=None, prompt_lookup_num_tokens=None, assistant_model=None) -> Speculative | None:
-        """From `generate`'s arguments: speculative=True | "ngram" | Speculative; HF's
-        `prompt_lookup_num_tokens=k` (n-gram drafts of up to k) and `assistant_model=m` (m drafts) map here."""
+        """From `generate`'s arguments: speculative=True | "ngram" | k (n-gram drafts of up to k tokens) |
+        Speculative; HF's `prompt_lookup_num_tokens=k` (n-gram drafts of up to k) and `assistant_model=m`
+        (m drafts) map here."""
         if isinstance(speculative, Speculative):
             spec = speculative
-        elif speculative is True or speculative == "ngram":
+        elif speculative is True or (isinstance(speculative, str) and speculative == "ngram"):
             spec = cls()
-        elif speculative in (None, False):
+        elif speculative is None or speculative is False:
             spec = None
+        elif type(speculative) is int:
+            spec = cls(max_draft_tokens=speculative)
         else:
-            raise ConfigError(f"speculative={speculative!r}: pass True, 'ngram' or a Speculative(...)")
+            raise ConfigError(f"speculative={speculative!r}: pass True, 'ngram', a draft length or a "
+                              "Speculative(...)")
         if prompt_lookup_num_tokens is not None:
             spec = cls(max_draft_tokens=prompt_lookup_num_tokens,
                        min_draft_tokens=min(spec.min_draft_tokens if spec else 1, prompt_lookup_num_tokens))
         if assistant_model is not None:
             base = spec or cls()
-            spec = cls(assistant_model, base.max_draft_tokens, base.min_draft_tokens, base.max_ngram, base.min_ngram,
-                       base.extra_token_cost)
+            spec = cls(assistant_model, base.max_draft_tokens, base.min_draft_tokens, base.max_ngram,
+                       base.min_ngram, base.extra_token_cost)
         return spec
 
     def drafter(self):
@@ -239,8 +257,8 @@ class SpeculationStats:
 # ---------------------------------------------------------------- the decoding loop
 
 
-def speculative_decode(model, input_ids: torch.LongTensor, logits_processor, stopping_criteria, generation_config,
-                       *, speculative: Speculative, streamer=None, **model_kwargs):
+def speculative_decode(model, input_ids: torch.LongTensor, logits_processor, stopping_criteria,
+                       generation_config, *, speculative: Speculative, streamer=None, **model_kwargs):
     """HF's `custom_generate` for the swarm model: `_sample`'s contract (same arguments, same outputs),
     each step verifying drafts. Runs inside an active inference session (DistributedModelForCausalLM
     ._generate_in); leaves it holding every token but the last one returned, as plain generate does."""
@@ -265,8 +283,11 @@ def speculative_decode(model, input_ids: torch.LongTensor, logits_processor, sto
     fed = 0  # tokens of input_ids the session holds
     while True:
         todo = input_ids[:, fed:]  # [batch, n] not fed yet: the prompt, then the last picked token
-        room = min(config.max_length - input_ids.shape[1], session.max_length - session.position - todo.shape[1] + 1)
-        drafts = _drafts(drafters, input_ids, valid, unfinished, min(length.k, room - 1), pad)  # [batch, k]
+        room = min(config.max_length - input_ids.shape[1],  # tokens left to pick; cache slots left (+ 1)
+                   session.max_length - session.position - todo.shape[1] + 1)
+        # rows finished under an EOS criterion pick padding from now on, so they draft padding
+        forced = (unfinished == 0) if has_eos else torch.zeros_like(unfinished, dtype=torch.bool)
+        drafts = _drafts(drafters, input_ids, valid, forced, min(length.k, room - 1), pad)  # [batch, k]
         k = drafts.shape[1]
         step_valid = torch.cat([valid[:, fed:], torch.ones(batch, k, dtype=torch.bool)], dim=1)
         hidden = session.step(model.embed_tokens(torch.cat([todo, drafts], dim=1)), step_valid)
@@ -292,7 +313,7 @@ def speculative_decode(model, input_ids: torch.LongTensor, logits_processor, sto
             unfinished = unfinished & ~stopping_criteria(input_ids, scores)
             picked += 1
             done = bool(unfinished.max() == 0)
-            if done or (j < k and not bool(((tokens == drafts[:, j]) | (unfinished == 0)).all())):
+            if done or (j < k and not bool((tokens == drafts[:, j]).all())):
                 break
         accepted = picked - 1  # drafts that stood: the session holds them, and the token before them
         if accepted < k:
@@ -315,16 +336,15 @@ def speculative_decode(model, input_ids: torch.LongTensor, logits_processor, sto
     return input_ids
 
 
-def _drafts(drafters, input_ids, valid, unfinished, k: int, pad) -> torch.Tensor:
-    """[batch, k'] draft tokens, k' <= k the fewest any unfinished row has (finished rows: padding)."""
+def _drafts(drafters, input_ids, valid, forced, k: int, pad) -> torch.Tensor:
+    """[batch, k'] draft tokens, k' <= k the fewest any drafting row has; rows `forced` to padding (finished
+    under an EOS criterion) draft padding, which is what they will pick."""
     if k <= 0:
         return input_ids.new_zeros(input_ids.shape[0], 0)
-    rows: list[list[int]] = []
+    rows: list[list[int] | None] = []
     for row, drafter in enumerate(drafters):
-        if not unfinished[row]:
-            rows.append([])
-            continue
-        rows.append(drafter.draft(input_ids[row][valid[row]].tolist(), k))
-    k = min((len(r) for r, live in zip(rows, unfinished.tolist(), strict=True) if live), default=0)
-    filler = int(pad) if pad is not None else 0
-    return torch.tensor([(r + [filler] * k)[:k] for r in rows], dtype=input_ids.dtype, device=input_ids.device)
+        rows.append(None if forced[row] else drafter.draft(input_ids[row][valid[row]].tolist(), k))
+    k = min((len(r) for r in rows if r is not None), default=0)
+    filler = [int(pad)] * k if pad is not None else [0] * k
+    return torch.tensor([r[:k] if r is not None else filler for r in rows], dtype=input_ids.dtype,
+                        device=input_ids.device).reshape(len(rows), k)
