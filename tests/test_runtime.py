@@ -71,3 +71,26 @@ def test_block_hashes_are_stable_and_distinct(tiny_model_path):
 def test_span_beyond_model_is_refused(tiny_model_path):
     with pytest.raises(ConfigError, match="only 6 blocks"):
         load_span(tiny_model_path("llama"), Span(4, 8))
+
+
+def test_spans_loaded_side_by_side_in_threads_keep_their_dtypes(tiny_model_path):
+    """Peers loading at once in one process (in-process swarms, a client beside them): transformers builds
+    a model in a dtype through torch's process-wide default, so unguarded builds in two threads made one
+    span's norms float32 inside a bfloat16 span (its first step then failed) and left the default wrong."""
+    import threading
+
+    path = tiny_model_path("llama")
+    wrong: list[tuple] = []
+
+    def load(dtype: torch.dtype) -> None:
+        for _ in range(3):
+            span = load_span(path, Span(0, 2), dtype=dtype)
+            wrong.extend((dtype, n, p.dtype) for n, p in span.layers.named_parameters() if p.dtype != dtype)
+
+    threads = [threading.Thread(target=load, args=(d,)) for d in (torch.bfloat16, torch.float32) * 3]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong, wrong[:5]
+    assert torch.get_default_dtype() == torch.float32

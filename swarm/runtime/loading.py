@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import inspect
 import logging
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,9 +83,19 @@ def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:32]
 
 
+# transformers builds a model in `dtype` by setting torch's process-wide default dtype and restoring it
+# after; two threads doing so at once (peers loading side by side in one process, a client beside them)
+# can build one model's norms in the other's dtype, or leave the wrong default behind
+_BUILD_LOCK = threading.Lock()
+
+
 def _meta_model(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with _BUILD_LOCK, torch.device("meta"):
+        default = torch.get_default_dtype()
+        try:
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        finally:
+            torch.set_default_dtype(default)
 
 
 def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
