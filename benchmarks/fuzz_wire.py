@@ -51,6 +51,7 @@ def merge(into: Report, part: Report) -> None:
     into.by_mutation.update(part.by_mutation)
     into.silences.extend(part.silences)
     into.deaths.extend(part.deaths)
+    into.info_failures.extend(part.info_failures)
     into.messages += part.messages
     into.info_checks += part.info_checks
 
@@ -144,7 +145,8 @@ def main() -> int:
         "silence": report.outcomes.get("silence", 0), "peer_death": report.outcomes.get("peer_death", 0),
         "by_worker": {w: dict(c) for w, c in sorted(report.by_worker.items())},
         "by_mutation": dict(report.by_mutation.most_common()),
-        "info_checks": report.info_checks, "silences": report.silences[:10], "deaths": report.deaths[:10],
+        "info_checks": report.info_checks,
+        "info_failures": report.info_failures[:10], "info_failure_count": len(report.info_failures), "silences": report.silences[:10], "deaths": report.deaths[:10],
         "peer_errors": errors.records[:10], "peer_error_count": len(errors.records),
         "healthy": {**healthy.as_dict(), "generations_per_s": round(fuzzed_rate, 2)},
         "healthy_baseline": {**alone.as_dict(), "generations_per_s": round(alone_rate, 2),

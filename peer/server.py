@@ -411,6 +411,8 @@ class PeerServer:
             await write_message(writer, self.info())
         except (asyncio.IncompleteReadError, TimeoutError, ConnectionError) as e:
             logger.debug("info request failed: %s", e)
+        except Exception:  # a bug of ours: said loudly (the stream closes unanswered)
+            logger.exception("answering info failed")
         finally:
             writer.close()
 

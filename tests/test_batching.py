@@ -322,7 +322,7 @@ def test_a_pushed_cohorts_last_step_ends_gathering(span_models):
     """Steps that came in one batch from the previous peer (the last one marked `cohort_end`) run at once,
     without the quiet gap the same steps would wait for a session that stepped lately but is not among them."""
     model = span_models("llama")
-    bound = 0.4
+    bound = 1.6  # a quiet gap (bound / QUIET_FRACTION) well above a loaded machine's forward
     quiet = bound / QUIET_FRACTION
     scheduler = Scheduler(model, batch_wait_s=bound)
     scheduler.start()

@@ -64,6 +64,9 @@ def test_fuzz_campaign_beside_a_healthy_session(env):
     print(summary)
     assert report.messages >= COUNT, summary
     assert report.outcomes["silence"] == 0 and report.outcomes["peer_death"] == 0, summary
+    # an info stream may fail on a loaded machine and be answered on the next; a peer that often fails one
+    # is not well
+    assert len(report.info_failures) <= 3, summary
     assert not errors.records, summary
     # every kind of outcome came up, so the campaign reached each part of the peer
     assert all(report.outcomes[k] > 0 for k in ("error_reply", "closed_stream", "served", "forward_dropped")), summary
