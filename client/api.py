@@ -68,6 +68,10 @@ class ApiConfig:
     max_n: int = 8
     wait_for_route_s: float = 10.0  # how long a request waits for missing blocks before 503
     swarm_key: SwarmKey | None = None  # a private swarm's key (swarm.swarmkey); None = a public swarm
+    min_precision: str = "any"  # ClientConfig's: any, 8bit or full
+    prefer_full_precision: bool = False
+    transport: str = "auto"  # ClientConfig's: auto, hivemind or lite
+    verify_probability: float = 0.05  # ClientConfig's (client.verify)
 
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_concurrency", "max_tokens_limit", "default_chat_max_tokens", "max_n"):
@@ -216,7 +220,9 @@ class Gateway:
         c = self.config
         self.tokenizer = AutoTokenizer.from_pretrained(c.model_path)
         client_config = ClientConfig(initial_peers=c.initial_peers, model_id=c.model_id,
-                                     wait_for_route_s=c.wait_for_route_s, swarm_key=c.swarm_key)
+                                     wait_for_route_s=c.wait_for_route_s, swarm_key=c.swarm_key,
+                                     min_precision=c.min_precision, prefer_full_precision=c.prefer_full_precision,
+                                     transport=c.transport, verify_probability=c.verify_probability)
         self.model = DistributedModelForCausalLM.from_pretrained(c.model_path, client_config=client_config)
         self.model_name = self.model.model_id
         self.context_tokens = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 20)
@@ -251,9 +257,11 @@ class Gateway:
             raise ApiError(400, f"max_tokens: at most {self.config.max_tokens_limit} here", param="max_tokens")
         return Sampling(max_tokens, request.temperature, request.top_p, request.seed, request.stops())
 
-    async def run(self, prompt_ids: list[int], sampling: Sampling, n: int) -> AsyncIterator[tuple[int, Piece]]:
+    async def run(self, prompt_ids: list[int], sampling: Sampling, n: int,
+                  stream: bool = True) -> AsyncIterator[tuple[int, Piece]]:
         """(choice index, piece) of n generations as they come; the first item comes only once every
-        choice has produced its first piece or failed (so a failure to start is a plain HTTP error)."""
+        choice has produced its first piece or failed (so a failure to start is a plain HTTP error).
+        Not `stream`: each choice comes in one piece, once checked (client.engine.Generation)."""
         slots = self._slots = self._slots or asyncio.Semaphore(self.config.max_concurrency)
         taken = 0
         try:
@@ -268,7 +276,7 @@ class Gateway:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         generations = [Generation(self.model, self.tokenizer, prompt_ids,
-                                  _with_seed(sampling, i)) for i in range(n)]
+                                  _with_seed(sampling, i), stream=stream) for i in range(n)]
 
         def drive(i: int, generation: Generation) -> None:
             try:
@@ -351,7 +359,7 @@ def create_app(gateway: Gateway) -> FastAPI:
             raise ApiError(400, "echo, suffix and best_of > n are not supported by this server")
         prompt_ids = _completion_prompt(gateway, body.prompt)
         sampling = gateway.sampling(body, len(prompt_ids), 16)
-        events = await _start(gateway, prompt_ids, sampling, body.n)
+        events = await _start(gateway, prompt_ids, sampling, body.n, bool(body.stream))
         return await _answer(request, body, events, "text_completion", "cmpl", gateway, len(prompt_ids))
 
     @app.post("/v1/chat/completions")
@@ -362,7 +370,7 @@ def create_app(gateway: Gateway) -> FastAPI:
             raise ApiError(400, "tools are not supported by this server", param="tools")
         prompt_ids = chat_prompt(gateway.tokenizer, [m.model_dump() | {"content": m.text()} for m in body.messages])
         sampling = gateway.sampling(body, len(prompt_ids), gateway.config.default_chat_max_tokens)
-        events = await _start(gateway, prompt_ids, sampling, body.n)
+        events = await _start(gateway, prompt_ids, sampling, body.n, bool(body.stream))
         return await _answer(request, body, events, "chat.completion", "chatcmpl", gateway, len(prompt_ids))
 
     return app
@@ -432,8 +440,8 @@ def _completion_prompt(gateway: Gateway, prompt) -> list[int]:
     return ids
 
 
-async def _start(gateway: Gateway, prompt_ids, sampling, n):
-    events = await gateway.run(prompt_ids, sampling, n)
+async def _start(gateway: Gateway, prompt_ids, sampling, n, stream: bool):
+    events = await gateway.run(prompt_ids, sampling, n, stream)
     # the first item comes once every choice started: a failure to start is an HTTP error, not a stream
     first = await anext(events, None)
     return _prepend(first, events)
@@ -547,6 +555,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate-limit-rpm", type=float, default=d.rate_limit_rpm, help="per API key or address; 0 = off")
     p.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit)
     p.add_argument("--wait-for-route-s", type=float, default=d.wait_for_route_s)
+    p.add_argument("--min-precision", choices=["any", "8bit", "full"], default=d.min_precision,
+                   help="spans a route may use: any (quantized peers too), 8bit (no 4-bit peers) or full")
+    p.add_argument("--prefer-full-precision", action="store_true",
+                   help="route through quantized peers only for blocks no full-precision peer serves")
+    p.add_argument("--transport", choices=["auto", "hivemind", "lite"], default=d.transport,
+                   help="network backend (auto: hivemind where installed, else lite)")
+    p.add_argument("--verify-probability", type=float, default=d.verify_probability,
+                   help="share of steps a second peer checks (client.verify); 0 = no checks")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -559,7 +575,9 @@ def main(argv: list[str]) -> int:
             args.model, tuple(args.initial_peers), args.model_id, args.host, args.port, args.api_key,
             args.max_request_bytes, args.max_concurrency, args.queue_timeout_s, args.rate_limit_rpm,
             args.max_tokens_limit, wait_for_route_s=args.wait_for_route_s,
-            swarm_key=load_optional(args.swarm_key),
+            swarm_key=load_optional(args.swarm_key), min_precision=args.min_precision,
+            prefer_full_precision=args.prefer_full_precision, transport=args.transport,
+            verify_probability=args.verify_probability,
         )
         sock = socket.create_server((config.host, config.port))
     except (SwarmError, OSError) as e:

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from client.policies import BanPolicy, RetryPolicy
-from client.routing import CostModel
+from client.routing import MIN_PRECISIONS, CostModel
+from client.verify import Tolerances
 from swarm.errors import ConfigError
+from swarm.lite import BACKENDS
 from swarm.swarmkey import SwarmKey
+
+# per block on a peer below full precision, with prefer_full_precision: far above any step's compute and
+# latency terms, below the short-cache penalty (a full cache still outweighs precision)
+PREFER_FULL_PENALTY_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -24,14 +31,36 @@ class ClientConfig:
     server_to_server: bool = True
     forward_wait_s: float = 2.0
     direct: bool = True  # streams to peers' direct TLS ports where they announce one (else through p2pd)
+    # the network backend (client.transport.make_transport): "hivemind" (p2pd), "lite" (py-libp2p, no
+    # hivemind: swarm-llm[lite]), "auto" = hivemind where it is installed, else lite
+    transport: str = "auto"
     route_poll_s: float = 1.0
     ping_timeout_s: float = 2.0  # an info round trip measures each candidate's latency
+    # a new session plans on a DHT snapshot at most this old: a peer that joins gets sessions this soon
+    snapshot_max_age_s: float = 10.0
     blocked_peers: tuple[str, ...] = ()  # peer ids never to route through (untrusted, or a test's choice)
+    # precision of the spans a route may use (client.routing.MIN_PRECISIONS): "any" accepts quantized peers
+    # (nf4, int8, fp8 weights, fp8 KV caches), "8bit" leaves out 4-bit ones, "full" takes only unquantized
+    # 16/32-bit spans (what must match local transformers exactly)
+    min_precision: str = "any"
+    prefer_full_precision: bool = False  # route quantized peers only where no full-precision peer serves
     cost_model: CostModel = field(default_factory=CostModel)
     ban_policy: BanPolicy = field(default_factory=BanPolicy)
     recovery_policy: RetryPolicy = field(
         default_factory=lambda: RetryPolicy(max_attempts=8, deadline_s=120.0, backoff_base_s=0.1, backoff_cap_s=5.0)
     )
+    # checks of peers' results (client.verify): each step of each hop is also run on a second peer with this
+    # probability, and always for a peer this client has not verified yet; outputs are compared within
+    # verify_tolerances; a peer the third outvotes is banned for good and reported. 0 = no checks
+    verify_probability: float = 0.05
+    verify_seed: int | None = None  # seeds the check draws (tests, benchmarks); None = unpredictable
+    verify_tolerances: Tolerances = field(default_factory=Tolerances)
+    verify_max_rewinds: int = 8  # a call caught on wrong results more often than this gives up
+    # before a generate call returns its unchecked outputs are checked; a check not done within this (a shadow
+    # on a hung peer) is left running, and what it finds applies at the session's next step
+    verify_settle_timeout_s: float = 10.0
+    report_wrong_results: bool = True  # publish a signed report record of each peer this client convicts
+    max_reports_per_hour: int = 10
     replay_chunk_tokens: int = 1024  # kept inputs are replayed to a replacement in steps of this many tokens
     max_kept_bytes: int = 4 << 30  # bound on the inputs a session keeps for recovery (checked when it starts)
 
@@ -41,8 +70,29 @@ class ClientConfig:
         return RetryPolicy(max_attempts=None, deadline_s=self.wait_for_route_s,
                            backoff_base_s=self.route_poll_s, backoff_cap_s=self.route_poll_s)
 
+    @property
+    def min_precision_bits(self) -> int:
+        return MIN_PRECISIONS[self.min_precision]
+
+    @property
+    def route_cost_model(self) -> CostModel:
+        """The cost model routes are planned with: `cost_model`, with a 1 s penalty per block run below full
+        precision when `prefer_full_precision` asks for it (and the cost model sets none of its own)."""
+        if self.prefer_full_precision and not self.cost_model.low_precision_block_penalty_s:
+            return dataclasses.replace(self.cost_model, low_precision_block_penalty_s=PREFER_FULL_PENALTY_S)
+        return self.cost_model
+
     def __post_init__(self) -> None:
+        if self.transport not in BACKENDS:
+            raise ConfigError(f"transport={self.transport!r}: expected one of {', '.join(BACKENDS)}")
+        if self.min_precision not in MIN_PRECISIONS:
+            raise ConfigError(f"min_precision {self.min_precision!r}: use one of {', '.join(MIN_PRECISIONS)}")
+        if not (isinstance(self.verify_probability, int | float) and 0 <= self.verify_probability <= 1):
+            raise ConfigError(f"verify_probability={self.verify_probability!r}: must be in [0, 1] "
+                              "(0 = no checks)")
+        if self.verify_max_rewinds < 0 or self.max_reports_per_hour < 0:
+            raise ConfigError("verify_max_rewinds and max_reports_per_hour must be >= 0")
         for name in ("wait_for_route_s", "connect_timeout_s", "step_timeout_s", "route_poll_s", "ping_timeout_s",
-                     "forward_wait_s"):
+                     "forward_wait_s", "snapshot_max_age_s", "verify_settle_timeout_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0")

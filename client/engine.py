@@ -27,6 +27,8 @@ import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from client.session import InferenceSession
+from client.verify import Rewound
+from swarm.errors import SessionError
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +67,14 @@ class Piece:
 class Generation:
     """One generation's token loop; iterate it on a worker thread (each step blocks on the swarm)."""
 
-    def __init__(self, model, tokenizer, prompt_ids: Sequence[int], sampling: Sampling):
+    def __init__(self, model, tokenizer, prompt_ids: Sequence[int], sampling: Sampling, *, stream: bool = True):
         self.model, self.tokenizer = model, tokenizer
+        self.stream = stream  # False: one piece at the end, after every check (a repair never shows)
         self.prompt_ids = list(prompt_ids)
         self.sampling = sampling
         self._cancelled = threading.Event()
         seed = sampling.seed if sampling.seed is not None else random.SystemRandom().randrange(2**63)
+        self._seed = seed
         self._generator = torch.Generator().manual_seed(seed)
         eos = model.generation_config.eos_token_id
         self._eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
@@ -80,35 +84,81 @@ class Generation:
         self._cancelled.set()
 
     def __iter__(self) -> Iterator[Piece]:
+        """The pieces of the completion. With checks on (client.verify), a peer caught returning wrong
+        results makes the generation run again from the prompt in the same session, with the same random
+        draws (the checked positions are answered from the trail, the rest go to an honest route): the
+        pieces sent before are not sent again; if text already streamed turns out wrong, the generation ends
+        with SessionError (the liar is banned by then: the request can be sent again). Not `stream`: the
+        whole completion comes as one piece once checked, so a repair never shows."""
+        s, model = self.sampling, self.model
+        with torch.inference_mode(), InferenceSession(model, len(self.prompt_ids) + s.max_tokens) as session:
+            verifier = session.verifier
+            if verifier is None:
+                yield from self._attempt(session)
+                return
+            limit = model.client_config.verify_max_rewinds
+            sent = ""  # text already yielded
+            verifier.begin_call()
+            try:
+                for _ in range(limit + 1):
+                    self._generator.manual_seed(self._seed)
+                    text = ""
+                    try:
+                        for piece in self._attempt(session, settle=verifier.settle):
+                            text += piece.text
+                            if not self.stream and piece.finish_reason is None:
+                                continue
+                            if not (text.startswith(sent) or sent.startswith(text)):
+                                raise SessionError(
+                                    "a peer was caught returning wrong results after part of this reply was "
+                                    "sent; it is banned now: send the request again")
+                            if len(text) > len(sent) or piece.finish_reason is not None:
+                                yield Piece(text[len(sent):], piece.tokens, piece.finish_reason)
+                                sent = max(sent, text, key=len)
+                        return
+                    except Rewound as e:
+                        logger.info("%s; generating again", e)
+                raise SessionError(f"peers were caught returning wrong results {limit + 1} times in one "
+                                   "generation; giving up")
+            finally:
+                verifier.end_call()
+
+    def _attempt(self, session: InferenceSession, settle=None) -> Iterator[Piece]:
+        """One pass from the prompt; `settle` (the verifier's) runs before the last piece."""
         s, model = self.sampling, self.model
         ids = torch.tensor([self.prompt_ids])
         generated: list[int] = []
         sent = 0  # characters of the completion already yielded
         warpers = s.warpers()
-        with torch.inference_mode(), InferenceSession(model, len(self.prompt_ids) + s.max_tokens) as session:
-            embeds = model.embed_tokens(ids)
-            while not self._cancelled.is_set():
-                hidden = session.step(embeds, torch.ones(embeds.shape[:2], dtype=torch.bool))
-                logits = model.lm_head(model.norm(hidden)).float()[:, -1, :]  # as the model's forward computes them
-                token = self._pick(torch.cat([ids, torch.tensor([generated], dtype=torch.long)], dim=1), logits,
-                                   warpers)
-                if token in self._eos:  # counted as generated, as generate() counts it
-                    yield Piece(self._text(generated)[sent:], len(generated) + 1, "stop")
-                    return
+        embeds = model.embed_tokens(ids)
+        while not self._cancelled.is_set():
+            hidden = session.step(embeds, torch.ones(embeds.shape[:2], dtype=torch.bool))
+            logits = model.lm_head(model.norm(hidden)).float()[:, -1, :]  # as the model's forward computes them
+            token = self._pick(torch.cat([ids, torch.tensor([generated], dtype=torch.long)], dim=1), logits,
+                               warpers)
+            finish, cut = None, None
+            if token in self._eos:  # counted as generated, as generate() counts it
+                finish, count = "stop", len(generated) + 1
+            else:
                 generated.append(token)
+                count = len(generated)
                 text = self._text(generated)
                 cut = self._stop_at(text, sent)
                 if cut is not None:
-                    yield Piece(text[sent:cut], len(generated), "stop")
-                    return
-                if len(generated) >= s.max_tokens:
-                    yield Piece(text[sent:], len(generated), "length")
-                    return
-                ready = self._ready(text, sent)
-                if ready > sent:
-                    yield Piece(text[sent:ready], len(generated))
-                    sent = ready
-                embeds = model.embed_tokens(torch.tensor([[token]]))
+                    finish = "stop"
+                elif len(generated) >= s.max_tokens:
+                    finish = "length"
+            if finish is not None:
+                if settle is not None:
+                    settle()
+                text = self._text(generated)
+                yield Piece(text[sent:cut] if cut is not None else text[sent:], count, finish)
+                return
+            ready = self._ready(text, sent)
+            if ready > sent:
+                yield Piece(text[sent:ready], count)
+                sent = ready
+            embeds = model.embed_tokens(torch.tensor([[token]]))
 
     def _pick(self, ids: torch.Tensor, logits: torch.Tensor, warpers: LogitsProcessorList) -> int:
         if self.sampling.temperature == 0:

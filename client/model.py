@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import random
 from pathlib import Path
 
 import torch
@@ -28,7 +29,9 @@ from client.policies import BanList
 from client.session import InferenceSession
 from client.speculative import Speculative, SpeculationStats, speculative_decode
 from client.swarmview import LatencyTable, SnapshotCache
-from client.transport import HivemindTransport
+from client.transport import Transport, make_transport
+from client.verifier import run_verified
+from client.verify import ReportLimiter, Trust, VerifyStats
 from swarm.errors import ConfigError, SessionError
 from swarm.runtime import SpanModel, load_client_head, load_span
 from swarm.runtime.loading import quiet_progress_bars
@@ -51,15 +54,20 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.client_config = client_config or ClientConfig()
         self.model_id = model_id
         self.num_blocks = config.num_hidden_layers
-        self._transport: HivemindTransport | None = None
+        self._transport: Transport | None = None
         self._transport_lock: asyncio.Lock | None = None  # made on the client loop, where it is used
         self._session: InferenceSession | None = None
         # blocks run here instead of on peers (from_pretrained's local_blocks): the first and the last span
         self.local_spans: tuple[SpanModel | None, SpanModel | None] = (None, None)
         self.remote = Span(0, self.num_blocks)  # the blocks peers serve for this client
         self.latencies = LatencyTable()
-        self.snapshots = SnapshotCache()
+        self.snapshots = SnapshotCache(self.client_config.snapshot_max_age_s)
         self.bans = BanList(self.client_config.ban_policy)
+        # checks of peers' results (client.verify): what this client learned, its draws, counters, reports
+        self.trust = Trust()
+        self.verify_rng = random.Random(self.client_config.verify_seed)
+        self.verify_stats = VerifyStats()
+        self.report_limiter = ReportLimiter(self.client_config.max_reports_per_hour)
         self.last_speculation: SpeculationStats | None = None  # what the last speculative generate did
 
     def _check_and_adjust_experts_implementation(self, experts_implementation):
@@ -129,15 +137,16 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------ network
 
-    async def transport(self) -> HivemindTransport:
+    async def transport(self) -> Transport:
         """This model's transport, started on first use (once, however many sessions ask at a time)."""
         if self._transport_lock is None:
             self._transport_lock = asyncio.Lock()
         async with self._transport_lock:
             if self._transport is None:
-                self._transport = await HivemindTransport.create(
-                    self.client_config.initial_peers, self.client_config.connect_timeout_s,
-                    direct=self.client_config.direct, swarm_key=self.client_config.swarm_key,
+                self._transport = await make_transport(
+                    self.client_config.transport, self.client_config.initial_peers,
+                    self.client_config.connect_timeout_s, direct=self.client_config.direct,
+                    swarm_key=self.client_config.swarm_key,
                 )
         return self._transport
 
@@ -208,7 +217,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             attention_mask = torch.cat([torch.ones_like(pending), attention_mask], dim=1)
             session.pending = None
         session.call_start = session.position
-        out = super().generate(input_ids, attention_mask=attention_mask, **kwargs)
+        # checked: a peer caught returning wrong results makes the call run again (client.verifier)
+        attempt = functools.partial(super().generate, input_ids, attention_mask=attention_mask, **kwargs)
+        out = run_verified(session, attempt)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         fed = session.position - session.call_start
         session.pending = sequences[:, fed:] if sequences.shape[1] > fed else None
@@ -225,7 +236,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         """Logits for the tokens the session has not seen yet ([batch, new, vocab])."""
         with contextlib.ExitStack() as stack:
             session = self._session
-            if session is None:  # a plain forward call: a one-shot session
+            one_shot = session is None
+            if one_shot:  # a plain forward call: a one-shot session
                 session = stack.enter_context(self.inference_session(max_length=self._length_of(input_ids, inputs_embeds)))
             # generate may hand us the whole sequence or only its unseen tail (transformers versions differ);
             # the attention mask always spans the whole sequence, so it tells how many tokens are new
@@ -243,7 +255,10 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                 valid = torch.ones(inputs_embeds.shape[:2], dtype=torch.bool)
             else:
                 valid = attention_mask[:, -new:].bool()
-            hidden = session.step(inputs_embeds, valid)
+            if one_shot:  # its result is checked before it returns
+                hidden = run_verified(session, functools.partial(session.step, inputs_embeds, valid))
+            else:
+                hidden = session.step(inputs_embeds, valid)
             logits = self.lm_head(self.norm(hidden)).float()
         return CausalLMOutputWithPast(logits=logits)
 

@@ -10,7 +10,8 @@ The route is a shortest path. Nodes are block boundaries; using peer p for block
 
 where entry(p) is the price of one more hop through p (its round-trip time, a fixed per-hop overhead,
 its load, a penalty if its cache is short) and per_block(p) is its compute time for one block of one
-step. See CostModel for the units. Every cost is >= 0, so a route with fewer hops wins unless the
+step, plus a penalty per block when p serves below full precision and the client prefers full
+precision. See CostModel for the units. Every cost is >= 0, so a route with fewer hops wins unless the
 extra hop buys more than it costs.
 
 Only boundaries where some span starts or ends (plus the ends of the range) can be useful cuts: a
@@ -25,6 +26,11 @@ peer_id wins and a cut goes as early as possible (a peer is never split into two
 snapshot always gives the same route whatever order it came in. An injected `random.Random` adds a
 small multiplicative jitter to spread load over equal peers (off by default).
 
+Precision: a candidate's `precision_bits` is the lowest precision on its path (quantized weights or
+an fp8 KV cache; swarm.records.BlockRecord.precision_bits). `min_precision_bits` leaves out the
+candidates below it (a client that must match full-precision outputs asks for FULL_PRECISION_BITS);
+CostModel.low_precision_block_penalty_s only steers the route away from them.
+
 If no route exists, MissingBlocksError names the blocks no usable peer serves. That is the only way
 to fail: when every block is served by some usable peer, the boundary after each block can be
 reached from the one before it, so the end is always reachable.
@@ -37,11 +43,16 @@ import random
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
-from swarm.errors import ConfigError, MissingBlocksError
+from swarm.errors import ConfigError, MissingBlocksError, format_blocks
 from swarm.spans import Span
 
 PEER_STATES = frozenset({"joining", "online", "draining", "offline"})
 ROUTABLE_STATE = "online"
+
+# Precision levels a client may ask for (ClientConfig.min_precision) -> the fewest bits a candidate must
+# serve at. "full": unquantized weights in a 16-bit or wider dtype and a KV cache in that dtype.
+FULL_PRECISION_BITS = 16
+MIN_PRECISIONS = {"any": 0, "8bit": 8, "full": FULL_PRECISION_BITS}
 
 # Relative tolerance under which two path costs count as equal, so that float rounding in sums
 # taken in different orders cannot break the peer_id tie rule.
@@ -58,6 +69,8 @@ class Candidate:
     latency_s: measured round-trip time to the peer, or None if not pinged (CostModel supplies a guess).
     active_sessions, queued_tokens: the peer's announced load; queued tokens run through its whole span.
     cache_tokens_left: KV-cache tokens the peer can still allocate, or None if unknown (no penalty).
+    precision_bits: the lowest precision on the peer's path, in bits (its weights' or its KV cache's);
+        FULL_PRECISION_BITS or more = full precision.
 
     Raises ValueError on values a strict record decoder would already have refused.
     """
@@ -70,6 +83,7 @@ class Candidate:
     active_sessions: int = 0
     queued_tokens: int = 0
     cache_tokens_left: int | None = None
+    precision_bits: int = FULL_PRECISION_BITS
 
     def __post_init__(self) -> None:
         if self.state not in PEER_STATES:
@@ -82,6 +96,12 @@ class Candidate:
             raise ValueError(f"peer {self.peer_id}: load counters must be >= 0")
         if self.cache_tokens_left is not None and self.cache_tokens_left < 0:
             raise ValueError(f"peer {self.peer_id}: cache_tokens_left must be None or >= 0")
+        if self.precision_bits < 1:
+            raise ValueError(f"peer {self.peer_id}: precision_bits must be >= 1")
+
+    @property
+    def full_precision(self) -> bool:
+        return self.precision_bits >= FULL_PRECISION_BITS
 
 
 @dataclass(frozen=True)
@@ -109,6 +129,10 @@ class CostModel:
         not an exclusion: such a peer is used only where nothing else serves those blocks (it may
         have freed cache by the time the session opens; if not it refuses and the client fails
         over). Hence no-route always means uncovered blocks, never a full cache.
+    low_precision_block_penalty_s: added per block run on a candidate below full precision (quantized
+        weights or an fp8 KV cache). 0 (the default): precision does not matter to the route; a large
+        value (ClientConfig.prefer_full_precision sets 1 s): quantized peers carry only the blocks no
+        full-precision peer serves (to exclude them instead, use a minimum precision).
     jitter_fraction: with an injected random.Random, each peer's costs are multiplied by a factor
         drawn uniformly from [1, 1 + jitter_fraction); without one, no jitter.
     """
@@ -119,6 +143,7 @@ class CostModel:
     session_penalty_s: float = 0.005
     queue_weight: float = 1.0
     short_cache_penalty_s: float = 1000.0
+    low_precision_block_penalty_s: float = 0.0
     jitter_fraction: float = 0.05
 
     def __post_init__(self) -> None:
@@ -128,6 +153,7 @@ class CostModel:
             "session_penalty_s",
             "queue_weight",
             "short_cache_penalty_s",
+            "low_precision_block_penalty_s",
             "jitter_fraction",
         ):
             value = getattr(self, name)
@@ -153,8 +179,10 @@ def entry_cost_s(
 
 
 def block_cost_s(candidate: Candidate, cost_model: CostModel = CostModel()) -> float:
-    """Compute time of one of `candidate`'s blocks for one step of cost_model.step_tokens tokens."""
-    return cost_model.step_tokens / candidate.compute_tokens_s
+    """Compute time of one of `candidate`'s blocks for one step of cost_model.step_tokens tokens, plus the
+    low-precision penalty where it applies."""
+    penalty = 0.0 if candidate.full_precision else cost_model.low_precision_block_penalty_s
+    return cost_model.step_tokens / candidate.compute_tokens_s + penalty
 
 
 def hop_cost_s(
@@ -173,10 +201,12 @@ def missing_blocks(
     start_block: int = 0,
     end_block: int | None = None,
     banned: Collection[str] = frozenset(),
+    min_precision_bits: int = 0,
 ) -> list[int]:
-    """Blocks in [start_block, end_block) that no online, non-banned candidate serves, ascending."""
+    """Blocks in [start_block, end_block) that no online, non-banned candidate of at least
+    `min_precision_bits` serves, ascending."""
     lo, hi = _check_range(num_blocks, start_block, end_block)
-    return _uncovered([span for _, span in _usable(candidates, banned, lo, hi)], lo, hi)
+    return _uncovered([span for _, span in _usable(candidates, banned, lo, hi, min_precision_bits)], lo, hi)
 
 
 def plan_route(
@@ -188,23 +218,28 @@ def plan_route(
     end_block: int | None = None,
     need_cache_tokens: int = 0,
     banned: Collection[str] = frozenset(),
+    min_precision_bits: int = 0,
     cost_model: CostModel = CostModel(),
     rng: random.Random | None = None,
 ) -> list[Hop]:
     """The cheapest chain of hops covering exactly [start_block, end_block) (default [0, num_blocks)).
 
-    Only `online` candidates whose peer_id is not in `banned` are used. Pass start_block/end_block to
-    replan the blocks of a failed span. With `rng`, costs get jitter (see CostModel.jitter_fraction).
+    Only `online` candidates whose peer_id is not in `banned` and whose precision_bits is at least
+    `min_precision_bits` are used. Pass start_block/end_block to replan the blocks of a failed span.
+    With `rng`, costs get jitter (see CostModel.jitter_fraction).
 
-    Raises MissingBlocksError(model_id, blocks) if some blocks of the range have no usable peer, and
-    ConfigError if the range is not inside [0, num_blocks).
+    Raises MissingBlocksError(model_id, blocks) if some blocks of the range have no usable peer (saying
+    so when peers below the minimum precision serve them), and ConfigError if the range is not inside
+    [0, num_blocks).
     """
     lo, hi = _check_range(num_blocks, start_block, end_block)
-    usable = _usable(candidates, banned, lo, hi)
+    candidates = list(candidates)
+    usable = _usable(candidates, banned, lo, hi, min_precision_bits)
     spans = [span for _, span in usable]
     missing = _uncovered(spans, lo, hi)
     if missing:
-        raise MissingBlocksError(model_id, missing)
+        hint = _precision_hint(candidates, banned, missing, min_precision_bits)
+        raise MissingBlocksError(model_id, missing, hint)
     entry = [entry_cost_s(c, need_cache_tokens, cost_model) for c, _ in usable]
     block = [block_cost_s(c, cost_model) for c, _ in usable]
     if rng is not None and cost_model.jitter_fraction > 0:
@@ -227,7 +262,7 @@ def _check_range(num_blocks: int, start_block: int, end_block: int | None) -> tu
 
 
 def _usable(
-    candidates: Iterable[Candidate], banned: Collection[str], lo: int, hi: int
+    candidates: Iterable[Candidate], banned: Collection[str], lo: int, hi: int, min_precision_bits: int = 0
 ) -> list[tuple[Candidate, Span]]:
     """Routable candidates, each with its span clipped to [lo, hi), sorted by (peer_id, span).
 
@@ -236,10 +271,26 @@ def _usable(
     out = []
     for c in candidates:
         start, end = max(c.span.start, lo), min(c.span.end, hi)
-        if c.state == ROUTABLE_STATE and c.peer_id not in banned and start < end:
+        precise = c.precision_bits >= min_precision_bits
+        if c.state == ROUTABLE_STATE and c.peer_id not in banned and precise and start < end:
             out.append((c, Span(start, end)))
     out.sort(key=lambda pair: (pair[0].peer_id, pair[0].span))
     return out
+
+
+def _precision_hint(
+    candidates: Sequence[Candidate], banned: Collection[str], missing: list[int], min_precision_bits: int
+) -> str:
+    """What to do when lower-precision peers serve some of the `missing` blocks ("" when none do)."""
+    if not min_precision_bits:
+        return ""
+    lower = _usable(candidates, banned, missing[0], missing[-1] + 1)
+    served = sorted(set(missing) - set(_uncovered([span for _, span in lower], missing[0], missing[-1] + 1)))
+    if not served:
+        return ""
+    return (f"peers serve blocks {format_blocks(served)} only below the {min_precision_bits}-bit precision "
+            "asked for: lower the client's min_precision (e.g. 'any', which accepts quantized spans) or wait for a "
+            "peer at that precision")
 
 
 def _uncovered(spans: Sequence[Span], lo: int, hi: int) -> list[int]:

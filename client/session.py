@@ -22,6 +22,7 @@ from client.policies import blame
 from client.routing import Hop, plan_route
 from client.stream import SpanStream
 from client.swarmview import candidate, peer_records
+from client.verifier import Verifier
 from swarm.errors import MissingBlocksError, PeerError, PeerRefused, SessionError
 from swarm.spans import Span
 
@@ -81,6 +82,10 @@ class InferenceSession:
     spans), the new spans are fed the hop's kept inputs so their caches hold exactly the same positions,
     and the step goes on. Kept inputs cost, per hop, batch x tokens x hidden_size x (wire dtype bytes);
     `ClientConfig.max_kept_bytes` bounds the whole session up front.
+
+    Checks (ClientConfig.verify_probability > 0): `self.verifier` (client.verifier) sees every hop's result,
+    runs checks of it on other peers beside the steps, and after a conviction cuts the session back to the
+    first wrong position and rebuilds the liar's hop from the kept inputs before it.
     """
 
     def __init__(self, model, max_length: int):
@@ -94,6 +99,8 @@ class InferenceSession:
         self.recoveries = 0  # hops replaced so far (failures and drains), for logs and tests
         self.local_caches: list = [None, None]  # of the blocks run here (model.local_spans), made on first use
         self.closed = False
+        # checks of the peers' results (client.verifier); None with ClientConfig.verify_probability = 0
+        self.verifier = Verifier(self) if model.client_config.verify_probability > 0 else None
 
     @property
     def route(self) -> list[Hop]:
@@ -110,7 +117,15 @@ class InferenceSession:
         self.close()
 
     def step(self, embeds: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Run new tokens' embeddings through every span; returns the last span's hidden states."""
+        """Run new tokens' embeddings through every span; returns the last span's hidden states. With
+        checks on, a pending repair comes first and replayed positions come from the call's trail
+        (client.verifier)."""
+        if self.verifier is not None and not self.closed:
+            return self.verifier.step(embeds, valid)
+        return self.live_step(embeds, valid)
+
+    def live_step(self, embeds: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """`step` through the peers, without the verifier's part."""
         if self.closed:
             raise SessionError("this inference session is closed")
         batch, new, hidden_size = embeds.shape
@@ -148,9 +163,12 @@ class InferenceSession:
             raise SessionError("this inference session is closed")
         if not 0 <= position <= self.position:
             raise SessionError(f"cannot roll back to position {position}: the session holds {self.position}")
-        if position == self.position:
+        ahead = self.verifier.trail_ahead if self.verifier is not None else 0  # held past position (a replay)
+        if position == self.position and not ahead:
             return
-        dropped = self.hops[0].kept()[2][:, position:] if self.hops else None  # valid [batch, dropped]
+        dropped = None  # valid [batch, dropped]; from the masks alone (joining the hidden states costs)
+        if self.hops:
+            dropped = torch.cat([step[2] for step in self.hops[0].inputs], dim=1)[:, position : self.position]
         for hop in self.hops:
             hop.truncate(position)
         for cache in self.local_caches:
@@ -159,6 +177,8 @@ class InferenceSession:
         if dropped is not None:
             self.row_tokens = self.row_tokens - dropped.sum(-1)
         self.position = position
+        if self.verifier is not None:
+            self.verifier.rolled_back(position)
         loop.run(self._send_rollbacks(position), timeout_s=None)
 
     async def _send_rollbacks(self, position: int) -> None:
@@ -213,6 +233,8 @@ class InferenceSession:
                 forwarded = False  # the replacement hop(s) get the step from us
                 continue  # the same step, now on the replacement hop(s)
             hop.keep(hidden, position_ids, valid)
+            if self.verifier is not None:
+                self.verifier.record(hop, self.position, out, valid, pushed=forwarded)
             self.model.bans.clear(hop.peer_id)
             asked = bool(push)
             forwarded = asked and hop.stream.pushed
@@ -226,7 +248,8 @@ class InferenceSession:
     def _push_route(self, start: int) -> list[dict]:
         """Push targets of hops[start:] for this step (each token names the hop before it as the pusher),
         up to the first hop that takes none; empty with server-to-server steps off."""
-        if not self.model.client_config.server_to_server:
+        pushes_off = self.verifier is not None and self.verifier.push_off  # a check wants our own copies
+        if not self.model.client_config.server_to_server or pushes_off:
             return []
         route = []
         for before, hop in zip(self.hops[start - 1 :], self.hops[start:], strict=False):
@@ -250,6 +273,8 @@ class InferenceSession:
             self.model.bans.ban(old.peer_id, "draining")
         new = await self._build(old.span.start, old.span.end, old.kept())
         self.hops[i : i + 1] = new
+        if self.verifier is not None:
+            self.verifier.replaced(old, new)
         self.recoveries += 1
         logger.info("hop %s [%s] %s; replaced by %s", old.peer_id[-6:], old.span, reason,
                     ", ".join(f"{h.peer_id[-6:]} [{h.span}]" for h in new))
@@ -290,9 +315,10 @@ class InferenceSession:
                 logger.warning("routing blocks %d:%d failed (%s); retrying in %.2f s", start, end, e, delay)
                 await asyncio.sleep(delay)
 
-    async def _plan(self, start: int, end: int, wait: bool = True):
+    async def _plan(self, start: int, end: int, wait: bool = True, exclude=()):
         """A route for [start, end) from a fresh DHT snapshot; waits for missing blocks up to the deadline
-        (`wait`), else raises MissingBlocksError once a fresh snapshot has none."""
+        (`wait`), else raises MissingBlocksError once a fresh snapshot has none. Never through banned,
+        blocked or convicted peers (client.verify), nor through `exclude` (a check's own peers)."""
         model, config = self.model, self.model.client_config
         transport = await model.transport()
         retry = config.route_wait_policy.start()
@@ -307,7 +333,8 @@ class InferenceSession:
                 fresh = True
             records = peer_records(snapshot)
             addrs = {peer: list(r.addrs) for peer, r in records.items()}
-            banned = model.bans.banned() | set(config.blocked_peers)
+            banned = (model.bans.banned() | set(config.blocked_peers) | model.trust.convicted_peers()
+                      | set(exclude))
             await model.latencies.measure(
                 transport, {p: a for p, a in addrs.items() if p not in banned}, config.ping_timeout_s
             )
@@ -316,7 +343,8 @@ class InferenceSession:
             try:
                 route = plan_route(
                     candidates, model.num_blocks, model_id=model.model_id, start_block=start, end_block=end,
-                    banned=banned, need_cache_tokens=self.max_length, cost_model=config.cost_model,
+                    banned=banned, need_cache_tokens=self.max_length, cost_model=config.route_cost_model,
+                    min_precision_bits=config.min_precision_bits,
                 )
                 return route, addrs
             except MissingBlocksError:
@@ -370,6 +398,8 @@ class InferenceSession:
         if self.closed:
             return
         self.closed = True
+        if self.verifier is not None:
+            self.verifier.close()
         for cache in self.local_caches:
             if cache is not None:
                 cache.free()

@@ -27,11 +27,14 @@ def peer_records(snapshot: dict) -> dict[str, BlockRecord]:
 
 
 def candidate(peer_id: str, r: BlockRecord, latency_s: float | None) -> Candidate:
-    """A routing candidate from a peer's record; latency None = not measured (the planner guesses)."""
+    """A routing candidate from a peer's record; latency None = not measured (the planner guesses). Its
+    precision is the record's lowest (quantized weights or an fp8 KV cache; records before schema 1.3 read
+    as their dtype's bits, or 8 where they name a quantization)."""
     return Candidate(
         peer_id=peer_id, span=Span(r.start, r.end), state=r.state,
         compute_tokens_s=max(r.compute_tokens_s, 1e-3), latency_s=latency_s,
         active_sessions=r.active_sessions, queued_tokens=r.queued_tokens, cache_tokens_left=r.cache_tokens_left,
+        precision_bits=r.precision_bits,
     )
 
 
@@ -53,7 +56,10 @@ class SnapshotCache:
 
 
 class LatencyTable:
-    """Measured round trips to peers (an `info` request), reused for `max_age_s` before measuring again."""
+    """Measured round trips to peers, reused for `max_age_s` before measuring again. A round trip is an
+    `info` request and its reply on a stream already open: the dial, TCP, TLS and the direct handshake
+    before it take several round trips more on a fresh connection, a multiple that would make a far peer
+    look costlier than its distance against the compute terms the planner weighs it with."""
 
     def __init__(self, max_age_s: float = 60.0, clock=time.monotonic):
         self.max_age_s = max_age_s
@@ -72,10 +78,9 @@ class LatencyTable:
         peers = self.stale(addrs)
 
         async def ping(peer_id: str) -> None:
-            started = self.clock()
             try:
-                await transport.request(peer_id, addrs[peer_id], INFO_HANDLER, {"type": "info"}, timeout_s)
-                rtt = self.clock() - started
+                _, rtt = await transport.timed_request(peer_id, addrs[peer_id], INFO_HANDLER, {"type": "info"},
+                                                       timeout_s)
             except (PeerError, ProtocolError) as e:
                 logger.info("peer %s did not answer info: %s", peer_id, e)
                 rtt = timeout_s

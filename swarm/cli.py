@@ -6,8 +6,14 @@ pyproject.toml, so a role owns its command line.
 
 from __future__ import annotations
 
+import logging
 import sys
 from importlib.metadata import entry_points
+
+# transformers imports torchao (the 'quant' extra) whenever it is installed; on a machine without its
+# optional CUDA kernels it logs a "Failed to load ..." warning per kernel, and torch one per enum it
+# registers: noise in every command's output, about code no command of ours runs unless --quant asks
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
 
 
 def _commands() -> dict:
@@ -16,6 +22,8 @@ def _commands() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     commands = _commands()
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: swarm COMMAND [ARGS...]\n\ncommands:")

@@ -34,20 +34,24 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
-from hivemind.p2p import PeerID
-from hivemind.utils.multiaddr import Multiaddr
 
-from swarm.admission import ERROR_PRIVATE, admit_fields, check_admit
+# no hivemind at module level: the dialer runs in the lite client too (swarm.lite); the listener's few
+# hivemind names are imported where it uses them
+from swarm.admit import ERROR_PRIVATE, admit_fields, check_admit
 from swarm.errors import NotAdmitted, PeerError, PeerRefused, ProtocolError
-from swarm.identity import RSA_KEY_BITS, peer_id_of_public_key
+from swarm.peerid import peer_id_of_public_key
 from swarm.protocol import ERROR_PROTOCOL, ERROR_REFUSED, error_message, read_message, require, write_message
 from swarm.swarmkey import SwarmKey
+
+if TYPE_CHECKING:
+    from hivemind.p2p import PeerID
 
 logger = logging.getLogger(__name__)
 
@@ -180,8 +184,11 @@ class DirectServer:
             except Exception as e:  # timeouts, broken TLS, closed connections, anything odd: drop it
                 self.refused += 1
                 logger.debug("direct handshake with %s failed: %r", host, e)
-                writer.close()
+                with contextlib.suppress(Exception):  # a connection lost inside start_tls has no transport left
+                    writer.close()
                 return
+            from hivemind.p2p import PeerID
+
             self.accepted += 1
             await handler(StreamInfo(PeerID.from_base58(dialer)), reader, writer)  # it closes the stream
         finally:
@@ -191,6 +198,8 @@ class DirectServer:
                 del self._per_host[host]
 
     async def _handshake(self, reader, writer) -> tuple[Handler, str]:
+        from swarm.identity import RSA_KEY_BITS
+
         nonce = secrets.token_bytes(32)
         await write_message(writer, {"type": "challenge", "nonce": nonce})
         hello = await read_message(reader, HELLO_BYTES)
@@ -313,6 +322,8 @@ def tcp_endpoint(addr: str) -> tuple[str, int]:
 
 def direct_addrs(p2p_addrs: Sequence[str], port: int) -> list[str]:
     """Where a listener on `port` can be dialed: the hosts of its announced libp2p addresses, that port."""
+    from hivemind.utils.multiaddr import Multiaddr
+
     found: list[str] = []
     for addr in p2p_addrs:
         if "p2p-circuit" in addr:  # a relayed address: its host is the relay's, not ours

@@ -57,13 +57,13 @@ class RoutingError(SwarmError):
 class MissingBlocksError(RoutingError):
     """Some blocks of the model are served by no reachable peer."""
 
-    def __init__(self, model_id: str, missing: list[int]):
+    def __init__(self, model_id: str, missing: list[int], detail: str = ""):
+        """`detail`: why usable peers are missing where some peer does serve the blocks (e.g. only below the
+        precision the client asked for), with what to do; replaces the default advice."""
         self.model_id = model_id
         self.missing = list(missing)
-        super().__init__(
-            f"model {model_id!r}: no peer serves blocks {format_blocks(self.missing)}; "
-            "start a peer for them (swarm peer --blocks ...) or wait longer (wait_for_route_s)"
-        )
+        advice = detail or "start a peer for them (swarm peer --blocks ...) or wait longer (wait_for_route_s)"
+        super().__init__(f"model {model_id!r}: no peer serves blocks {format_blocks(self.missing)}; {advice}")
 
 
 class SessionError(SwarmError):

@@ -130,6 +130,9 @@ async def start_dht(
                 record_validator=validator,
                 authorizer=SwarmAuthorizer(key) if key is not None else None,
                 num_workers=4,
+                # hivemind re-reads every cached key in the background shortly before it expires; we read
+                # fresh records when we need them, so that refresh is only traffic (every reader, every key)
+                cache_refresh_before_expiry=0,
             ),
             timeout=settings.startup_timeout_s,
         )

@@ -4,6 +4,7 @@ Layout on the DHT (hivemind dictionary values: key -> {subkey: value}):
 
     key f"{model_id}.{block}"   subkey f"{peer_id}[owner:ssh-rsa AAAA...]"              value BlockRecord
     key "swarm.models"          subkey f"{model_id}/{peer_id}[owner:ssh-rsa AAAA...]"   value ModelRecord
+    key f"swarm.reports.{peer}" subkey f"{reporter_id}[owner:ssh-rsa AAAA...]"          value ReportRecord
 
 `peer_id` is the base58 libp2p peer id and the marker is the peer's RSA public key (swarm.identity).
 hivemind's RSASignatureValidator makes every write under a marked subkey carry a signature by that key;
@@ -21,10 +22,12 @@ refused (VersionMismatch, "upgrade swarm"): bump it only for changes old readers
 new keys). Minor history: 1.0 the first schema; 1.2 adds `rtt_ms` and the destination of a peer that
 drains to move (`next_start`, `next_end`), and `network_mbps` carries a measured figure; 1.3 adds the
 precision a peer serves at: `weight_bits` (bits per weight of its linear layers, with `quant` naming the
-scheme) and `kv_dtype` ("auto" = the dtype, or "fp8"). Types are strict (bool is not int, str is not
-bytes, a list is an array); the one widening is int -> float for float fields, since msgpack writers
-may encode 100.0 as 100. NaN and infinities are refused. Every check raises ProtocolError naming the
-field; local construction runs the same checks.
+scheme) and `kv_dtype` ("auto" = the dtype, or "fp8"); 1.4 adds report records (kind "report", a client's
+signed word that a peer returned wrong results; older readers refuse the kind, and since reports
+live under keys of their own no block or model key's dictionary ever holds one). Types are strict
+(bool is not int, str is not bytes, a list is an array); the one widening is int -> float for float
+fields, since msgpack writers may encode 100.0 as 100. NaN and infinities are refused. Every check
+raises ProtocolError naming the field; local construction runs the same checks.
 """
 
 from __future__ import annotations
@@ -57,8 +60,13 @@ if TYPE_CHECKING:  # hivemind's types, for the functions that run on a hivemind 
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1  # major: a reader refuses a larger one
-SCHEMA_MINOR = 3  # additions within the major: optional fields, ignored by older readers
+SCHEMA_MINOR = 4  # additions within the major: optional fields, ignored by older readers
 MODELS_KEY = "swarm.models"
+REPORTS_KEY_PREFIX = "swarm.reports."
+# a report lives at most this long after what it reports (its own `time`), and may not come from the future
+REPORT_TTL_S = 3600.0
+REPORT_CLOCK_SKEW_S = 300.0
+MAX_WITNESSES = 4
 MAX_RECORD_BYTES = 16 * 1024  # a full block record is < 5 KiB (16 addrs x 256 chars)
 MAX_SUBKEY_BYTES = 2048  # model id + peer id + a 4096-bit OpenSSH key
 MAX_EXPIRATION_S = 3600.0  # records are refreshed every few seconds; refuse near-immortal ones
@@ -377,8 +385,73 @@ class ModelRecord(_Record):
     }
 
 
-_RECORD_TYPES: dict[str, type[_Record]] = {"block": BlockRecord, "model": ModelRecord}
-Record = BlockRecord | ModelRecord
+_PEER_ID = r"[1-9A-HJ-NP-Za-km-z]{1,128}"  # base58
+
+
+def _peer_ids(kind: str, name: str, value: object) -> tuple[str, ...]:
+    if type(value) not in (list, tuple):
+        raise _fail(kind, name, f"must be a list of peer ids, got {type(value).__name__}")
+    if len(value) > MAX_WITNESSES:
+        raise _fail(kind, name, f"has {len(value)} entries, at most {MAX_WITNESSES} allowed")
+    check_one = _str(128, _PEER_ID)
+    return tuple(check_one(kind, name, peer) for peer in value)
+
+
+@dataclass(frozen=True)
+class ReportRecord(_Record):
+    """A client's signed statement "peer `accused` returned wrong results for blocks [start, end) of
+    `model_id`": key f"swarm.reports.{accused}", subkey f"{reporter}[owner:<reporter's key>]".
+
+    The subkey's owner marker makes hivemind check the reporter's signature, and the validator checks that
+    the subkey's peer id is `reporter` and the hash of that key: nobody reports in another's name. One
+    subkey per (reporter, accused): a reporter holds at most one live report on a peer however often it
+    writes (a rewrite replaces it), and a report expires at most REPORT_TTL_S after its `time`. What a
+    report proves is only that its reporter says so: clients never act on reports (client.verify bans
+    on its own checks only); the health page counts distinct reporters (bootstrap.health.reports).
+    """
+
+    KIND: ClassVar[str] = "report"
+
+    model_id: str
+    accused: str  # base58 peer id of the peer whose results were wrong
+    start: int  # the blocks it ran wrongly, [start, end)
+    end: int
+    reporter: str  # base58 peer id of the reporting client (the subkey's owner)
+    time: float  # unix time (s) of the check that outvoted it
+    evidence: str  # lowercase hex sha256 of inputs and both outputs (client.verify.evidence_digest)
+    position: int = 0  # first wrong position of the session it served
+    rel_error: float = 0.0  # relative L2 error of its first wrong token against the majority
+    witnesses: tuple[str, ...] = ()  # peers whose results agreed with each other and not with the accused
+
+    _CHECKS: ClassVar[dict[str, Any]] = {
+        "model_id": _model_id,
+        "accused": _str(128, _PEER_ID),
+        "start": _int(0, _MAX_BLOCK - 1),
+        "end": _int(1, _MAX_BLOCK),
+        "reporter": _str(128, _PEER_ID),
+        "time": _float(1.0, 1e11),
+        "evidence": _str(128, _HEX_DIGEST),
+        "position": _int(0, _MAX_COUNT),
+        "rel_error": _float(0.0, 1e30),
+        "witnesses": _peer_ids,
+    }
+    _OPTIONAL_ON_WIRE: ClassVar[frozenset[str]] = frozenset({"position", "rel_error", "witnesses"})
+
+    def _check_fields_together(self) -> None:
+        if self.start >= self.end:
+            raise _fail(self.KIND, "start", f"must be < end, got blocks [{self.start}, {self.end})")
+        if self.accused == self.reporter:
+            raise _fail(self.KIND, "reporter", "is the accused peer itself")
+        if self.accused in self.witnesses:
+            raise _fail(self.KIND, "witnesses", "include the accused peer")
+
+    @property
+    def span(self) -> Span:
+        return Span(self.start, self.end)
+
+
+_RECORD_TYPES: dict[str, type[_Record]] = {"block": BlockRecord, "model": ModelRecord, "report": ReportRecord}
+Record = BlockRecord | ModelRecord | ReportRecord
 
 
 def decode_record(obj: object) -> Record:
@@ -394,15 +467,22 @@ def block_key(model_id: str, block: int) -> str:
     return f"{model_id}.{block}"
 
 
+def report_key(accused: str) -> str:
+    """The DHT key of the reports on peer `accused`."""
+    return f"{REPORTS_KEY_PREFIX}{accused}"
+
+
 def record_key(record: Record) -> str:
     """The DHT key a record belongs under."""
+    if isinstance(record, ReportRecord):
+        return report_key(record.accused)
     return block_key(record.model_id, record.block) if isinstance(record, BlockRecord) else MODELS_KEY
 
 
 def record_subkey(record: Record, identity: Identity) -> str:
     """The owner-marked subkey under which `identity` publishes `record`."""
     owned = f"{identity.peer_id.to_base58()}{identity.owner_marker}"
-    return owned if isinstance(record, BlockRecord) else f"{record.model_id}/{owned}"
+    return f"{record.model_id}/{owned}" if isinstance(record, ModelRecord) else owned
 
 
 _PEER_AND_OWNER = r"(?P<peer>[1-9A-HJ-NP-Za-km-z]{1,128})\[owner:(?P<key>ssh-rsa [A-Za-z0-9+/]+={0,2})\]"
@@ -419,10 +499,13 @@ def decode_entry(subkey: object, value: object) -> tuple[str, Record]:
     record = decode_record(value)
     if type(subkey) is not str:
         raise ProtocolError(f"subkey must be a str, got {type(subkey).__name__}")
-    pattern = _BLOCK_SUBKEY_RE if isinstance(record, BlockRecord) else _MODEL_SUBKEY_RE
+    pattern = _MODEL_SUBKEY_RE if isinstance(record, ModelRecord) else _BLOCK_SUBKEY_RE
     match = pattern.fullmatch(subkey)
     if match is None:
         raise ProtocolError(f"{record.KIND} record: subkey {subkey[:80]!r} is not '<peer id>[owner:<key>]'")
+    if isinstance(record, ReportRecord) and match["peer"] != record.reporter:
+        raise ProtocolError(
+            f"report record: subkey peer {match['peer']} is not its reporter {record.reporter}")
     if isinstance(record, ModelRecord) and match["model"] != record.model_id:
         raise ProtocolError(
             f"model record: subkey names {match['model']!r} but the record {record.model_id!r}"
@@ -467,6 +550,11 @@ def check_stored(key_id: bytes, subkey: bytes, value: bytes, expiration_time: fl
         raise ProtocolError(f"{decoded.KIND} record is stored under a key other than {record_key(decoded)!r}")
     if expiration_time > time.time() + MAX_EXPIRATION_S:
         raise ProtocolError(f"record expires more than {MAX_EXPIRATION_S:g} s from now")
+    if isinstance(decoded, ReportRecord):
+        if decoded.time > time.time() + REPORT_CLOCK_SKEW_S:
+            raise ProtocolError("report record: its time lies in the future")
+        if expiration_time > decoded.time + REPORT_TTL_S:
+            raise ProtocolError(f"report record expires more than {REPORT_TTL_S:g} s after its time")
     return decoded
 
 
@@ -556,6 +644,37 @@ async def announce_model(
 ) -> bool:
     """Store this peer's entry in the model index; returns whether a replica accepted it."""
     return (await _store(node, identity, [record], expiration_s, timeout_s))[0]
+
+
+async def announce_report(
+    node: DHTNode, identity: Identity, report: ReportRecord, *, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> bool:
+    """Store `report` (its `reporter` must be `identity`'s peer id) until REPORT_TTL_S after its time;
+    returns whether a replica accepted it. Raises ConfigError for a report in another's name or one too old
+    to store."""
+    if report.reporter != identity.peer_id.to_base58():
+        raise ConfigError(f"a report by {report.reporter} cannot be signed as {identity.peer_id}")
+    # a second early: the node stamps its expiration a moment after this, and it may not pass time + TTL
+    expiration_s = min(MAX_EXPIRATION_S, report.time + REPORT_TTL_S - time.time() - 1.0)
+    if expiration_s <= 0:
+        raise ConfigError(f"a report of {report.time:.0f} is past its {REPORT_TTL_S:g} s lifetime")
+    return (await _store(node, identity, [report], expiration_s, timeout_s))[0]
+
+
+async def fetch_reports(
+    node: DHTNode, peer_ids: Iterable[str], *, timeout_s: float = DEFAULT_TIMEOUT_S, latest: bool = True
+) -> dict[str, dict[str, ReportRecord]]:
+    """The live, valid reports on each of `peer_ids`: {accused: {reporter: report}} (peers nobody reported
+    are left out). Entries that fail decoding or name another key are dropped, as in fetch_blocks."""
+    keys = {report_key(peer): peer for peer in peer_ids}
+    found = await _get_many(node, list(keys), timeout_s, latest)
+    out: dict[str, dict[str, ReportRecord]] = {}
+    for key, peer in keys.items():
+        entries = _decode_entries(key, found.get(key))
+        reports = {reporter: r for reporter, r in entries if isinstance(r, ReportRecord)}
+        if reports:
+            out[peer] = reports
+    return out
 
 
 async def _store(

@@ -64,7 +64,7 @@ class FamilySwarm:
         self.client = DistributedModelForCausalLM.from_pretrained(
             self.model_path,
             client_config=ClientConfig(initial_peers=tuple(self.swarm.initial_peers), step_timeout_s=step_timeout_s,
-                                       wait_for_route_s=60),
+                                       wait_for_route_s=60, min_precision="full"),  # compared with local
         )
         self.local = AutoModelForCausalLM.from_pretrained(self.model_path).eval()
 

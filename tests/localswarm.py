@@ -72,8 +72,9 @@ class InProcessSwarm:
     @contextlib.contextmanager
     def serving(self, model_path, spans: list[str], model_id: str, prompt, new_tokens: int):
         """Peers for `spans` under `model_id`, local transformers' greedy tokens for `prompt`, and a maker of
-        clients (ClientConfig fields as keywords, 10 s step timeout); on exit the clients shut down and
-        the peers stop. Yields (servers, expected tokens, client maker)."""
+        clients (ClientConfig fields as keywords, 10 s step timeout, full precision only: they are compared
+        with local transformers); on exit the clients shut down and the peers stop. Yields (servers,
+        expected tokens, client maker)."""
         from transformers import AutoModelForCausalLM
 
         from client import ClientConfig, DistributedModelForCausalLM
@@ -85,7 +86,7 @@ class InProcessSwarm:
 
         def client(**fields):
             config = ClientConfig(initial_peers=tuple(self.initial_peers), model_id=model_id, step_timeout_s=10,
-                                  **{"swarm_key": self.swarm_key, **fields})
+                                  **{"swarm_key": self.swarm_key, "min_precision": "full", **fields})
             clients.append(DistributedModelForCausalLM.from_pretrained(model_path, client_config=config))
             return clients[-1]
 

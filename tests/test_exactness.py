@@ -29,7 +29,8 @@ def family_swarm(request, inprocess_swarm, tiny_model_path):
     ids_b = tuple(s.peer_id for s in servers[3:])
     clients = [
         DistributedModelForCausalLM.from_pretrained(
-            path, client_config=ClientConfig(initial_peers=tuple(inprocess_swarm.initial_peers), blocked_peers=blocked)
+            path, client_config=ClientConfig(initial_peers=tuple(inprocess_swarm.initial_peers), blocked_peers=blocked,
+                                             min_precision="full")  # exactness: never a quantized span
         )
         for blocked in (ids_b, ids_a)
     ]

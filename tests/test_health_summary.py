@@ -271,6 +271,7 @@ def test_json_document_schema():
         "draining": 0,
         "offline": 0,
         "unreachable": 0,
+        "online_full_precision": 1,
     }
     assert m["blocks"][2]["status"] == "uncovered" and m["blocks"][2]["unreachable"] == 1
     p1 = next(p for p in doc["peers"] if p["peer_id"] == pid(1))

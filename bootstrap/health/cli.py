@@ -18,8 +18,7 @@ from bootstrap.health.publish import PUBLISH_MODES
 from bootstrap.health.server import HealthServer
 from swarm import records
 from swarm.errors import ConfigError, SwarmError
-from swarm.identity import Identity
-from swarm.net import NodeSettings, start_dht, start_p2p, stop_node
+from swarm.lite import BACKENDS, backend
 from swarm.swarmkey import SwarmKey
 
 _DEFAULTS = {f.name: f.default for f in fields(HealthConfig)}
@@ -99,11 +98,19 @@ def health_config(args: argparse.Namespace, swarm_key: SwarmKey | None = None) -
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="swarm health", description=__doc__.split("\n\n")[0])
     p.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of bootstrap nodes or peers")
+    p.add_argument("--transport", choices=BACKENDS, default="auto",
+                   help="network backend: hivemind (p2pd), lite (py-libp2p, swarm-llm[lite]; no reachability "
+                        "checks) or auto (hivemind where installed, else lite)")
     add_health_arguments(p)
     return p
 
 
 async def serve(args: argparse.Namespace, config: HealthConfig) -> None:
+    if backend(getattr(args, "transport", "auto")) == "lite":
+        return await serve_lite(args, config)
+    from swarm.identity import Identity
+    from swarm.net import NodeSettings, start_dht, start_p2p, stop_node
+
     identity = Identity.load_or_create(None)
     settings = NodeSettings(
         initial_peers=tuple(args.initial_peers), client_mode=True, identity_path=identity.p2pd_identity_path,
@@ -127,6 +134,29 @@ async def serve(args: argparse.Namespace, config: HealthConfig) -> None:
             await server.close()
     finally:
         await stop_node(dht, p2p)
+
+
+async def serve_lite(args: argparse.Namespace, config: HealthConfig) -> None:
+    """`serve` on the lite backend: a LiteNode reads the DHT and probes peers for the crawler (public swarms;
+    no reachability checks, which need a probe p2pd)."""
+    from swarm.lite.node import LiteNode
+
+    if config.swarm_key is not None:
+        raise ConfigError("the lite backend crawls public swarms only; use --transport hivemind with "
+                          "--swarm-key")
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    node = await LiteNode.start(args.initial_peers, 30.0)
+    try:
+        server = await start_health(config, node.dht, node)
+        try:
+            print(f"health page at {server.url}", flush=True)
+            await stop.wait()
+        finally:
+            await server.close()
+    finally:
+        await node.shutdown()
 
 
 async def start_health(config: HealthConfig, dht, p2p) -> HealthServer:

@@ -27,6 +27,9 @@ class HealthConfig:
     max_query_chars: int = 2048  # longer query strings get 414
     # a private swarm's key: the crawl and the reachability checks show it (swarm.admission)
     swarm_key: SwarmKey | None = None
+    # the page flags a peer that at least this many distinct clients reported for wrong results
+    # (bootstrap.health.reports)
+    report_flag_reporters: int = 3
     publish: str | None = None  # full | summary | none (bootstrap.health.publish); None: full, or summary if private
 
     @property
@@ -48,6 +51,7 @@ class HealthConfig:
             "max_blocks_per_model",
             "max_concurrent_reachability_checks",
             "max_query_chars",
+            "report_flag_reporters",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

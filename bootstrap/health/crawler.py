@@ -1,12 +1,17 @@
 """Crawler: builds a Snapshot of the swarm every refresh (the imperative shell around summary.py).
 
 One crawl: read the model index, then every model's block records (concurrently), then probe every
-peer's `info` (concurrently, at most `max_concurrent_probes` at once, each bounded by
+peer's `info` and read the report records on it (swarm.records.ReportRecord; concurrently, at most
+`max_concurrent_probes` at once, each bounded by
 `probe_timeout_s`). Every DHT read is bounded by `dht_timeout_s`, so a crawl always ends.
 
 Mutates only its own `last_seen` memory (peer id -> unix time of the latest answered probe, dropped for
 peers no longer on the DHT). Never raises from `run()`: a failed crawl is logged with its traceback,
 and its error is carried in the next Snapshot so the page says the data is stale.
+
+On either network backend: `dht` and `p2p` are hivemind's DHTNode and P2P, or a swarm.lite LiteNode's
+`dht` (which swarm.records reads through as through a DHTNode) and the LiteNode itself (which probes
+peers over py-libp2p); no hivemind is imported then.
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ from bootstrap.health.config import HealthConfig
 from bootstrap.health.snapshot import ModelSnapshot, Probe, Snapshot
 from swarm import records
 from swarm.errors import SwarmError
-from swarm.probe import request_info
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +75,13 @@ class Crawler:
             model_id: ModelSnapshot(index=tuple(entries), blocks=blocks)
             for (model_id, entries), blocks in zip(by_model.items(), fetched, strict=True)
         }
-        probes = await self._probe_all(_peer_addrs(models))
+        peers = _peer_addrs(models)
+        probes, reports = await asyncio.gather(
+            self._probe_all(peers), records.fetch_reports(self.dht, list(peers), timeout_s=timeout_s)
+        )
         return Snapshot(
-            taken_at=self.clock(), models=models, probes=probes, crawl_s=time.monotonic() - started
+            taken_at=self.clock(), models=models, probes=probes, crawl_s=time.monotonic() - started,
+            reports=reports,
         )
 
     def _bounded_index(self, index: list[records.ModelRecord]) -> dict[str, list[records.ModelRecord]]:
@@ -108,7 +116,12 @@ class Crawler:
     async def _probe(self, peer_id: str, addrs: list[str]) -> Probe:
         started = time.monotonic()
         try:
-            info = await request_info(self.p2p, peer_id, addrs, self.config.probe_timeout_s)
+            if hasattr(self.p2p, "request_info"):  # a swarm.lite LiteNode
+                info = await self.p2p.request_info(peer_id, addrs, self.config.probe_timeout_s)
+            else:
+                from swarm.probe import request_info  # hivemind's side
+
+                info = await request_info(self.p2p, peer_id, addrs, self.config.probe_timeout_s)
         except SwarmError as e:
             return Probe(reachable=False, error=str(e)[:300], last_seen=self._last_seen.get(peer_id))
         rtt_s = time.monotonic() - started

@@ -12,6 +12,7 @@ import datetime
 import html
 from collections.abc import Iterable
 
+from bootstrap.health.reports import reports_html, reports_json
 from bootstrap.health.summary import BLOCK_STATUSES, STATUSES, BlockCoverage, ModelReport, PeerRow, Report
 
 SCHEMA = "swarm.health/v1"
@@ -43,6 +44,7 @@ def report_json(report: Report, refresh_s: float) -> dict:
         "peers": [_peer_json(p, report.generated_at) for p in report.peers],
         "skipped_entries": report.skipped_entries,
         "problems": list(report.problems),
+        "reports": reports_json(report.reported, report.flag_reporters),
     }
 
 
@@ -54,10 +56,16 @@ def _model_json(m: ModelReport) -> dict:
         "config_hashes": list(m.config_hashes),
         "can_run": m.can_run,
         "blocks_covered": m.blocks_covered,
+        "can_run_full_precision": m.can_run_full_precision,
+        "blocks_covered_full_precision": m.blocks_covered_full_precision,
         "min_replication": m.min_replication,
         "missing_blocks": list(m.missing_blocks),
         "compute_tokens_s": m.compute_tokens_s,
-        "blocks": [{"block": b.block, "status": b.status, **b.counts} for b in m.blocks],
+        "blocks": [
+            {"block": b.block, "status": b.status, **b.counts,
+             "online_full_precision": b.online_full_precision}
+            for b in m.blocks
+        ],
         "peers": list(m.peer_ids),
     }
 
@@ -75,6 +83,10 @@ def _peer_json(p: PeerRow, now: float) -> dict:
         "protocol": p.protocol,
         "dtype": p.dtype,
         "quant": p.quant,
+        "weight_bits": p.weight_bits,
+        "kv_dtype": p.kv_dtype,
+        "precision_bits": p.precision_bits,
+        "full_precision": p.full_precision,
         "compute_tokens_s": p.compute_tokens_s,
         "network_mbps": p.network_mbps,
         "active_sessions": p.active_sessions,
@@ -111,6 +123,7 @@ def report_html(report: Report, refresh_s: float, notice: str = "") -> str:
     if not report.models:
         body.append(f'<p class="empty">{_empty_reason(report)}</p>')
     body.append(_peers_table(report.peers, report.generated_at))
+    body.append(reports_html(report.reported, report.flag_reporters))
     if report.problems:
         items = "".join(f"<li>{e(p)}</li>" for p in report.problems)
         body.append(
@@ -164,11 +177,16 @@ def _model_section(m: ModelReport, report: Report) -> str:
         if m.missing_blocks
         else ""
     )
+    full = (
+        f' · <span id="full-precision-{mid}">{m.blocks_covered_full_precision} at full precision</span>'
+        if m.blocks_covered_full_precision < m.blocks_covered
+        else ""
+    )
     cells = "".join(_block_cell(b) for b in m.blocks)
     legend = "".join(f'<span class="block {s} legend"></span>{s} ' for s in BLOCK_STATUSES)
     return (
         f'<section class="model" data-model-id="{mid}"><h2>{mid} {badge}</h2>'
-        f"<p>{m.num_blocks} blocks · {m.blocks_covered} covered · min replication {m.min_replication}"
+        f"<p>{m.num_blocks} blocks · {m.blocks_covered} covered{full} · min replication {m.min_replication}"
         f" · {len(m.peer_ids)} peer(s) · {_num(m.compute_tokens_s)} tokens/s{missing}</p>"
         f'<div class="coverage" id="coverage-{mid}">{cells}</div>'
         f'<p class="legend muted">{legend}</p></section>'
@@ -197,7 +215,7 @@ _COLUMNS = (
     ("span", ""),
     ("state", ""),
     ("version", "opt"),
-    ("dtype", "opt"),
+    ("precision", "opt"),
     ("tokens/s", "opt"),
     ("load", "opt"),
     ("cache left", "opt"),
@@ -221,7 +239,7 @@ def _peer_tr(r: PeerRow, now: float) -> str:
         state += f' <span class="muted">(leaves in {max(0, round(r.drain_deadline - now))} s)</span>'
     elif r.status == "unreachable":
         state += f' <span class="muted" title="{e(r.probe_error or "")}">(probe failed)</span>'
-    dtype = e(r.dtype) + ("" if r.quant == "none" else f"+{e(r.quant)}")
+    precision = _precision_cell(r)
     seen = "never" if r.last_seen is None else f"{max(0, round(now - r.last_seen))} s ago"
     rtt = f" · {r.rtt_s * 1000:.0f} ms" if r.rtt_s is not None else ""
     cells = (
@@ -231,7 +249,7 @@ def _peer_tr(r: PeerRow, now: float) -> str:
         e(r.span),
         state,
         e(r.software_version),
-        dtype,
+        precision,
         _num(r.compute_tokens_s),
         f"{r.active_sessions} sess · {r.queued_tokens} queued",
         f"{r.cache_tokens_left} tok",
@@ -240,6 +258,20 @@ def _peer_tr(r: PeerRow, now: float) -> str:
     )
     tds = "".join(f'<td class="{cls}">{cell}</td>' for cell, (_, cls) in zip(cells, _COLUMNS, strict=True))
     return f'<tr class="peer state-{e(r.status)}" data-peer-id="{e(r.peer_id)}">{tds}</tr>'
+
+
+def _precision_cell(r: PeerRow) -> str:
+    """ "float32", or "bfloat16 · int8 weights (8 bit) · fp8 KV" marked `low-precision` (bits as a title)."""
+    parts = [e(r.dtype)]
+    if r.quant != "none":
+        bits = f" ({r.weight_bits} bit)" if r.weight_bits is not None else ""
+        parts.append(f"{e(r.quant)} weights{bits}")
+    if r.kv_dtype != "auto":
+        parts.append(f"{e(r.kv_dtype)} KV")
+    if r.full_precision:
+        return f'<span class="precision full">{" · ".join(parts)}</span>'
+    return (f'<span class="precision low-precision" title="{r.precision_bits}-bit precision: outputs differ '
+            f'slightly from full precision">{" · ".join(parts)}</span>')
 
 
 def _num(x: float) -> str:
@@ -264,7 +296,7 @@ _CSS = """
 body{font:15px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1200px;
   padding:12px;color:#1b1f24;background:#fafafa;overflow-wrap:anywhere}
 h1{font-size:1.5em;margin:.2em 0}h2{font-size:1.15em;margin:.8em 0 .3em}
-.muted{color:#6a737d}.warn{color:#b00020}code{font-size:.9em}
+.muted{color:#6a737d}.warn{color:#b00020}code{font-size:.9em}.low-precision{color:#8a5a00}
 .pill{display:inline-block;padding:0 .5em;margin:0 .15em;border-radius:1em;background:#eee;white-space:nowrap}
 .badge{font-size:.75em;padding:.15em .6em;border-radius:1em;vertical-align:middle;color:#fff}
 .can-run{background:#2e7d32}.cannot-run{background:#c62828}

@@ -24,6 +24,7 @@ It borrows `dht` and `p2p` (the bootstrap's own, or `swarm health`'s) and never 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -36,7 +37,6 @@ from bootstrap.health.config import HealthConfig
 from bootstrap.health.crawler import Crawler
 from bootstrap.health.metrics import report_metrics
 from bootstrap.health.publish import access, summary_json, summary_report
-from bootstrap.health.reachability import ReachabilityChecker, parse_request
 from bootstrap.health.render import report_html, report_json
 from bootstrap.health.snapshot import Snapshot
 from bootstrap.health.summary import Report, summarize
@@ -52,7 +52,7 @@ class HealthServer:
         self.config = config
         self.clock = clock
         self.crawler = Crawler(dht, p2p, config, clock)
-        self.checker = ReachabilityChecker(config.reachability_timeout_s, config.swarm_key)
+        self.checker = _reachability_checker(config)
         self.report: Report = summarize(Snapshot(), clock())
         self.refreshed = asyncio.Event()  # set after each published snapshot (tests wait on it)
         self._checks = asyncio.Semaphore(config.max_concurrent_reachability_checks)
@@ -86,7 +86,8 @@ class HealthServer:
             if self._runner is not None:
                 await self._runner.cleanup()
         finally:
-            await self.checker.close()
+            if self.checker is not None:
+                await self.checker.close()
 
     async def __aenter__(self) -> HealthServer:
         await self.start()
@@ -97,7 +98,7 @@ class HealthServer:
 
     def publish(self, snapshot: Snapshot) -> None:
         """Replace the served report (the crawler calls this after each crawl)."""
-        self.report = summarize(snapshot, self.clock())
+        self.report = summarize(snapshot, self.clock(), self.config.report_flag_reporters)
         self.refreshed.set()
         self.refreshed = asyncio.Event()
 
@@ -172,6 +173,11 @@ class HealthServer:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST, **_NO_CACHE})
 
     async def _reachability(self, request: web.Request) -> web.Response:
+        if self.checker is None:
+            return _error(request, 503, "reachability checks need the hivemind backend (a probe p2pd); this "
+                          "health monitor runs on the lite one")
+        from bootstrap.health.reachability import parse_request
+
         query = request.query
         if any(len(query.getall(k)) > 1 for k in query):
             return _error(request, 400, "give each parameter once")
@@ -208,6 +214,16 @@ class HealthServer:
 
 
 _NO_CACHE = {"Cache-Control": "no-store"}
+
+
+def _reachability_checker(config: HealthConfig):
+    """The reachability checker (a fresh p2pd per check), or None where hivemind is not installed: a
+    health monitor on the lite backend (swarm.lite) serves everything else."""
+    if importlib.util.find_spec("hivemind") is None:
+        return None
+    from bootstrap.health.reachability import ReachabilityChecker
+
+    return ReachabilityChecker(config.reachability_timeout_s, config.swarm_key)
 
 
 async def _harden(request: web.Request, response: web.StreamResponse) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from swarm.records import BlockRecord, ModelRecord
+from swarm.records import BlockRecord, ModelRecord, ReportRecord
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class ModelSnapshot:
 class Snapshot:
     """taken_at: unix time the crawl finished (None: no crawl finished yet).
     models: {model_id: ModelSnapshot}; probes: {peer_id: Probe} (a peer with no entry was not probed).
+    reports: {accused peer_id: {reporter peer_id: ReportRecord}}, for the peers the crawl saw.
     crawl_s / crawl_error: how long the crawl took, and what went wrong in it, if anything.
     """
 
@@ -55,3 +56,4 @@ class Snapshot:
     probes: Mapping[str, Probe] = field(default_factory=dict)
     crawl_s: float | None = None
     crawl_error: str | None = None
+    reports: Mapping[str, Mapping[str, ReportRecord]] = field(default_factory=dict)

@@ -13,6 +13,11 @@ No network, no clock (the caller passes `now`), no mutation of the snapshot. Wha
 * A block is **covered** when at least one `online` peer serves it, **draining** when only draining
   peers do, **uncovered** otherwise. A model **can run** when every block is covered; its **min
   replication** is the fewest online peers on any block.
+* A peer's **precision** is what its records announce (schema 1.3: `weight_bits`, `kv_dtype`; older
+  records read as their dtype's bits): `precision_bits` is the lowest of its weights' and its KV
+  cache's, and FULL_PRECISION_BITS or more is **full precision**. A model **can run at full
+  precision** when every block has an online full-precision peer (what a client with
+  `min_precision="full"` needs).
 * Entries that contradict their place in the snapshot (a record found under another model's or
   block's key, a span past the model's last block, a value that is not a record) are skipped and
   counted in `skipped_entries`, with a line in `problems`.
@@ -25,6 +30,7 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from bootstrap.health.reports import DEFAULT_FLAG_REPORTERS, ReportedPeer, summarize_reports
 from bootstrap.health.snapshot import ModelSnapshot, Probe, Snapshot
 from swarm.records import BlockRecord, BlockState, ModelRecord
 from swarm.spans import Span
@@ -34,6 +40,7 @@ BLOCK_STATUSES = ("covered", "draining", "uncovered")
 MAX_PROBLEMS = 100
 _STATE_ORDER = {BlockState.JOINING: 0, BlockState.ONLINE: 1, BlockState.DRAINING: 2, BlockState.OFFLINE: 3}
 _MAX_BLOCK = 1 << 20
+FULL_PRECISION_BITS = 16  # as client.routing counts it: unquantized 16/32-bit weights and KV cache
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,7 @@ class BlockCoverage:
     block: int
     counts: Mapping[str, int]  # status (STATUSES) -> number of peers serving this block with it
     status: str  # BLOCK_STATUSES
+    online_full_precision: int = 0  # online peers serving it at full precision
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,9 @@ class PeerRow:
     protocol: int
     dtype: str
     quant: str
+    weight_bits: int | None  # bits per weight of its linear layers as announced (None: a record before 1.3)
+    kv_dtype: str  # "auto" (the dtype) or "fp8"
+    precision_bits: int  # the lowest of its weights' and its KV cache's precision
     compute_tokens_s: float
     network_mbps: float
     active_sessions: int
@@ -74,6 +85,10 @@ class PeerRow:
     @property
     def short_id(self) -> str:
         return "…" + self.peer_id[-8:]
+
+    @property
+    def full_precision(self) -> bool:
+        return self.precision_bits >= FULL_PRECISION_BITS
 
 
 @dataclass(frozen=True)
@@ -102,6 +117,14 @@ class ModelReport:
     def blocks_covered(self) -> int:
         return sum(b.status == "covered" for b in self.blocks)
 
+    @property
+    def blocks_covered_full_precision(self) -> int:
+        return sum(b.online_full_precision > 0 for b in self.blocks)
+
+    @property
+    def can_run_full_precision(self) -> bool:
+        return self.num_blocks > 0 and self.blocks_covered_full_precision == self.num_blocks
+
 
 @dataclass(frozen=True)
 class Totals:
@@ -125,10 +148,13 @@ class Report:
     totals: Totals
     skipped_entries: int
     problems: tuple[str, ...]
+    reported: tuple[ReportedPeer, ...] = ()  # peers clients reported for wrong results (health.reports)
+    flag_reporters: int = DEFAULT_FLAG_REPORTERS
 
 
-def summarize(snapshot: Snapshot, now: float) -> Report:
-    """The report of one snapshot at unix time `now` (see the module docstring for the rules)."""
+def summarize(snapshot: Snapshot, now: float, flag_reporters: int = DEFAULT_FLAG_REPORTERS) -> Report:
+    """The report of one snapshot at unix time `now` (see the module docstring for the rules); reported
+    peers are flagged at `flag_reporters` distinct reporters (bootstrap.health.reports)."""
     problems = _Problems()
     models, rows = [], []
     for model_id in sorted(snapshot.models, key=str):
@@ -147,6 +173,8 @@ def summarize(snapshot: Snapshot, now: float) -> Report:
         totals=_totals(models, rows),
         skipped_entries=problems.skipped,
         problems=problems.lines(),
+        reported=summarize_reports(snapshot.reports, flag_reporters, {r.peer_id for r in rows}),
+        flag_reporters=flag_reporters,
     )
 
 
@@ -178,10 +206,12 @@ def _summarize_model(
     rows = [_peer_row(model_id, pid, recs, probes.get(pid), problems) for pid, recs in by_peer.items()]
     rows.sort(key=lambda r: (r.span.start, r.span.end, r.peer_id))
     counts = [dict.fromkeys(STATUSES, 0) for _ in range(num_blocks)]
+    full = [0] * num_blocks
     for row in rows:
         for block in range(row.span.start, row.span.end):
             counts[block][row.status] += 1
-    blocks = tuple(BlockCoverage(block, c, _block_status(c)) for block, c in enumerate(counts))
+            full[block] += row.status == "online" and row.full_precision
+    blocks = tuple(BlockCoverage(block, c, _block_status(c), full[block]) for block, c in enumerate(counts))
     report = ModelReport(
         model_id=model_id,
         num_blocks=num_blocks,
@@ -282,6 +312,9 @@ def _peer_row(
         protocol=rep.protocol,
         dtype=rep.dtype,
         quant=rep.quant,
+        weight_bits=rep.weight_bits,
+        kv_dtype=rep.kv_dtype or "auto",
+        precision_bits=rep.precision_bits,
         compute_tokens_s=rep.compute_tokens_s,
         network_mbps=rep.network_mbps,
         active_sessions=rep.active_sessions,

@@ -142,14 +142,17 @@ def linear_weight_bytes(out_features: int, in_features: int, name: str, dtype: t
     itemsize = torch.empty((), dtype=dtype).element_size()
     if name == "none":
         return numel * itemsize
-    if name in ("int8", "fp8"):
+    if name == "int8":
+        return numel + 5 * out_features  # one byte a weight; an fp32 scale and an int8 zero point a row
+    if name == "fp8":
         return numel + 4 * out_features  # one byte a weight, an fp32 scale a row
     scaler_block = _nf4_scaler_block(numel)
     if scaler_block is None:  # left in the dtype (see quantize_layer)
         return numel * itemsize
     blocks = numel // NF4_BLOCK
-    # 4-bit codes, int8 block scales, an fp32 factor per scaler block, the 16-entry table, the scalers' mean
-    return numel // 2 + blocks + 4 * (blocks // scaler_block) + 16 * 4 + 4
+    # 4-bit codes, int8 block scales; in the dtype: a factor per scaler block, the 16-entry table, the
+    # scalers' mean
+    return numel // 2 + blocks + itemsize * (blocks // scaler_block + 16 + 1)
 
 
 def module_weight_bytes(module: nn.Module, name: str, dtype: torch.dtype) -> int:

@@ -161,10 +161,12 @@ class SpanModel(nn.Module):
 
     def mask_or_none(self, cache: KVCache, new: int, window: int | None) -> torch.Tensor | None:
         """None where attention needs no mask (as transformers decides): a single new token, or a whole
-        prompt from an empty cache, with no padding anywhere and no window cutting into the past."""
+        prompt from an empty cache (SDPA only: it turns a missing mask into is_causal, while eager
+        attention without a mask attends to every token), with no padding anywhere and no window cutting
+        into the past."""
         total = cache.length + new
         no_window_effect = window is None or total <= window
-        if (new == 1 or cache.length == 0) and no_window_effect and not cache.padded:
+        if (new == 1 or (cache.length == 0 and not self._eager)) and no_window_effect and not cache.padded:
             return None
         return self._mask(cache.valid, cache.length, new, window)
 
