@@ -315,10 +315,12 @@ class InferenceSession:
                 logger.warning("routing blocks %d:%d failed (%s); retrying in %.2f s", start, end, e, delay)
                 await asyncio.sleep(delay)
 
-    async def _plan(self, start: int, end: int, wait: bool = True, exclude=()):
+    async def _plan(self, start: int, end: int, wait: bool = True, exclude=(), refresh: bool = True):
         """A route for [start, end) from a fresh DHT snapshot; waits for missing blocks up to the deadline
         (`wait`), else raises MissingBlocksError once a fresh snapshot has none. Never through banned,
-        blocked or convicted peers (client.verify), nor through `exclude` (a check's own peers)."""
+        blocked or convicted peers (client.verify), nor through `exclude` (a check's own peers).
+        `refresh=False`: a cached snapshot without a route is the answer (a check looking for a second
+        peer reads the DHT only once the cache is older than snapshot_max_age_s)."""
         model, config = self.model, self.model.client_config
         transport = await model.transport()
         retry = config.route_wait_policy.start()
@@ -348,7 +350,7 @@ class InferenceSession:
                 )
                 return route, addrs
             except MissingBlocksError:
-                if not fresh:
+                if not fresh and refresh:
                     fresh = True
                     continue
                 delay = retry.next_delay() if wait else None

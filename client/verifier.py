@@ -385,7 +385,7 @@ class Verifier:
     async def _open_shadow(self, hop, exclude: set[str]) -> Shadow:
         """A route for hop's blocks around `exclude` (and everyone convicted); MissingBlocksError if none."""
         s = self.session
-        route, addrs = await s._plan(hop.span.start, hop.span.end, wait=False, exclude=exclude)
+        route, addrs = await s._plan(hop.span.start, hop.span.end, wait=False, exclude=exclude, refresh=False)
         return Shadow(await s._open(route, addrs), self.config.replay_chunk_tokens)
 
     async def _close_shadow(self, check: HopCheck) -> None:

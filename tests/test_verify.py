@@ -15,6 +15,7 @@ import time
 
 import pytest
 import torch
+from client import loop
 
 from client.verify import (
     Tolerances,
@@ -442,6 +443,37 @@ def test_honest_bfloat16_peers_that_differ_by_rounding_are_never_banned(inproces
         assert stats.compared_tokens >= 8 + NEW_TOKENS - 1 and stats.agreed == stats.checks
         assert stats.mismatches == 0 and not model.trust.convicted
         assert 0 < stats.max_agreeing_error < Tolerances().half  # they do differ, by rounding only
+    finally:
+        model.shutdown()
+        for server in servers:
+            inprocess_swarm.stop_peer(server)
+
+
+def test_a_check_without_a_second_peer_reads_no_extra_snapshot(inprocess_swarm, tiny_model_path):
+    """With one peer per span a check finds nobody to compare with: it says so (unverifiable) from the
+    snapshot the client routed with, instead of reading the DHT again; the generation goes on unchecked."""
+    from client import ClientConfig, DistributedModelForCausalLM
+
+    path = tiny_model_path("llama", NUM_LAYERS)
+    model_id = "verify-lone-peer"
+    servers = inprocess_swarm.start_peers(path, ["0:4"], model_id=model_id)
+    config = ClientConfig(initial_peers=tuple(inprocess_swarm.initial_peers), model_id=model_id,
+                          step_timeout_s=10, verify_probability=1.0, verify_seed=0, snapshot_max_age_s=600)
+    model = DistributedModelForCausalLM.from_pretrained(path, client_config=config)
+    try:
+        transport = loop.run(model.transport(), timeout_s=30)
+        reads = []
+        fetch = transport.fetch_blocks
+
+        async def counted(*args, **kwargs):
+            reads.append(args)
+            return await fetch(*args, **kwargs)
+
+        transport.fetch_blocks = counted
+        model.generate(torch.tensor([[1, 5, 9, 13, 17, 21, 2, 7]]), max_new_tokens=NEW_TOKENS,
+                       do_sample=False, pad_token_id=0)
+        assert model.verify_stats.unverifiable >= 1 and model.verify_stats.checks == 0
+        assert len(reads) == 1  # the route's; the check used the same snapshot
     finally:
         model.shutdown()
         for server in servers:
