@@ -907,8 +907,11 @@ class PeerErrors(logging.Handler):
         self.records: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("Task was destroyed but it is pending") and "hivemind/" in message:
+            return  # the garbage collector finishing a DHT node of an earlier test's closed loop, not this peer
         if record.name.split(".")[0] in self.PREFIXES:
-            self.records.append(f"{record.name}: {record.getMessage()}"[:300])
+            self.records.append(f"{record.name}: {message}"[:300])
 
     def __enter__(self) -> PeerErrors:
         logging.getLogger().addHandler(self)
