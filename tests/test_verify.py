@@ -15,8 +15,8 @@ import time
 
 import pytest
 import torch
-from client import loop
 
+from client import loop
 from client.verify import (
     Tolerances,
     Trail,
