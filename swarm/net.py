@@ -12,11 +12,13 @@ import contextvars
 import ctypes
 import logging
 import os
+import random
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hivemind.dht.node import DHTNode
+from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import RecordValidatorBase
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.multiaddr import Multiaddr
@@ -67,6 +69,9 @@ class NodeSettings:
     client_mode: bool = False
     startup_timeout_s: float = 30.0
     swarm_key: SwarmKey | None = None  # a private swarm's key (swarm.admission); None = a public swarm
+    # how often the DHT node looks itself and a random id up, to learn the nodes its table lost (see
+    # _refresh_routing); None: never
+    routing_refresh_s: float | None = 30.0
 
 
 async def start_p2p(settings: NodeSettings) -> P2P:
@@ -122,7 +127,7 @@ async def start_dht(
     key = settings.swarm_key
     await check_swarm(p2p, settings.initial_peers, min(settings.startup_timeout_s / 3, 5.0))
     try:
-        return await asyncio.wait_for(
+        node = await asyncio.wait_for(
             DHTNode.create(
                 p2p=p2p,
                 initial_peers=list(settings.initial_peers),
@@ -141,6 +146,31 @@ async def start_dht(
             f"could not join the DHT through {list(settings.initial_peers)} within {settings.startup_timeout_s} s; "
             "is the bootstrap node running and reachable?"
         ) from None
+    if settings.routing_refresh_s:
+        _refreshing[node] = asyncio.create_task(_refresh_routing(node, settings.routing_refresh_s),
+                                                name="dht-routing-refresh")
+    return node
+
+
+_refreshing: dict[DHTNode, asyncio.Task] = {}  # each started node's refresh task (stop_node ends it)
+
+
+async def _refresh_routing(node: DHTNode, period_s: float) -> None:
+    """Every ~period_s, look up this node's own id and a random one. hivemind drops a node from its routing
+    table on the first RPC it does not answer in time and learns nodes only from its own lookups and from
+    nodes that contact it; its own bucket refresh (refresh_timeout) fails in hivemind 1.1.12 (it passes one
+    id where a list goes). Without this, a node that joined early or lost neighbours to timeouts (the
+    bootstrap and a monitor under load) keeps a table of a few nodes, lookups through it end there, and
+    readers get part of every block's records: the scale harness at 30 peers saw 14 of 30 after 5 minutes,
+    its reads contacting one node. A lookup visits up to bucket_size nodes and adds each that answers."""
+    while node.is_alive:
+        await asyncio.sleep(period_s * random.uniform(0.75, 1.25))  # spread out, not every node at once
+        try:
+            await asyncio.wait_for(node.find_nearest_nodes([node.node_id, DHTID.generate()]), period_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a lost round: the next one tries again
+            logger.debug("routing-table refresh: %r", e)
 
 
 async def visible_maddrs(p2p: P2P) -> list[str]:
@@ -160,6 +190,9 @@ STOP_TIMEOUT_S = 5.0
 async def stop_node(dht: DHTNode | None, p2p: P2P | None, timeout_s: float = STOP_TIMEOUT_S) -> None:
     """Shut down a DHT node and its p2pd, each within `timeout_s`: hivemind waits forever for answers
     from a p2pd that already died (a signal sent to the whole process group), so a bounded wait it is."""
+    refresh = _refreshing.pop(dht, None) if dht is not None else None
+    if refresh is not None:
+        refresh.cancel()
     for name, part in (("DHT node", dht), ("p2pd", p2p)):
         if part is None:
             continue
