@@ -17,11 +17,12 @@ import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from hivemind.dht.node import DHTNode
+from hivemind.dht.node import Blacklist, DHTNode
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import RecordValidatorBase
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.multiaddr import Multiaddr
+from hivemind.utils.timed_storage import get_dht_time
 
 from swarm.admission import SwarmAuthorizer, SwarmP2P, check_swarm, serve_admission
 from swarm.errors import ConfigError
@@ -146,31 +147,72 @@ async def start_dht(
             f"could not join the DHT through {list(settings.initial_peers)} within {settings.startup_timeout_s} s; "
             "is the bootstrap node running and reachable?"
         ) from None
+    node.blacklist = CappedBlacklist(node.blacklist.base_time, node.blacklist.backoff)
     if settings.routing_refresh_s:
-        _refreshing[node] = asyncio.create_task(_refresh_routing(node, settings.routing_refresh_s),
-                                                name="dht-routing-refresh")
+        _refreshing[node] = asyncio.create_task(
+            _refresh_routing(node, settings.routing_refresh_s, list(settings.initial_peers)),
+            name="dht-routing-refresh")
     return node
+
+
+MAX_SUSPENSION_S = 60.0
+
+
+class CappedBlacklist(Blacklist):
+    """hivemind's suspension of nodes that did not answer (the first for 5 s, each further one twice as
+    long), capped at MAX_SUSPENSION_S. Uncapped, a node that missed ten answers on a loaded machine or a
+    slow link is skipped by every lookup for 85 minutes, though it is alive and in others' tables, and the
+    skipping node's view of the swarm shrinks for good."""
+
+    def register_failure(self, peer: PeerID) -> None:
+        if peer not in self.banned_peers and self.base_time > 0:
+            failures = self.ban_counter[peer]
+            suspension = min(self.base_time * self.backoff**failures, MAX_SUSPENSION_S)
+            self.banned_peers.store(peer, failures, expiration_time=get_dht_time() + suspension)
+            self.ban_counter[peer] = failures + 1
 
 
 _refreshing: dict[DHTNode, asyncio.Task] = {}  # each started node's refresh task (stop_node ends it)
 
 
-async def _refresh_routing(node: DHTNode, period_s: float) -> None:
+async def _refresh_routing(node: DHTNode, period_s: float, initial_peers: list[str]) -> None:
     """Every ~period_s, look up this node's own id and a random one. hivemind drops a node from its routing
     table on the first RPC it does not answer in time and learns nodes only from its own lookups and from
     nodes that contact it; its own bucket refresh (refresh_timeout) fails in hivemind 1.1.12 (it passes one
     id where a list goes). Without this, a node that joined early or lost neighbours to timeouts (the
     bootstrap and a monitor under load) keeps a table of a few nodes, lookups through it end there, and
     readers get part of every block's records: the scale harness at 30 peers saw 14 of 30 after 5 minutes,
-    its reads contacting one node. A lookup visits up to bucket_size nodes and adds each that answers."""
+    its reads contacting one node. A lookup visits up to bucket_size nodes and adds each that answers.
+
+    A lookup starts from the table itself, so a table that lost (nearly) every node cannot refill that way:
+    a client's node, which no one contacts, then reads only its own cache. Below half a bucket the node
+    pings its initial peers again first (each that answers goes back in the table)."""
     while node.is_alive:
         await asyncio.sleep(period_s * random.uniform(0.75, 1.25))  # spread out, not every node at once
         try:
+            if len(node.protocol.routing_table.uid_to_peer_id) < node.protocol.bucket_size // 2:
+                await asyncio.wait_for(_ping_initial_peers(node, initial_peers), period_s / 2)
             await asyncio.wait_for(node.find_nearest_nodes([node.node_id, DHTID.generate()]), period_s)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a lost round: the next one tries again
             logger.debug("routing-table refresh: %r", e)
+
+
+async def _ping_initial_peers(node: DHTNode, initial_peers: list[str]) -> None:
+    """Ping each initial peer (its address told to p2pd again first); one that answers joins the table."""
+    async def ping(maddr: str) -> None:
+        peer_id = PeerID.from_base58(Multiaddr(maddr)["p2p"])
+        if peer_id == node.peer_id:
+            return
+        try:
+            await connect(node.p2p, peer_id, [maddr], node.protocol.wait_timeout)
+        except Exception as e:  # p2pd may still reach it through an address it learned itself
+            logger.debug("connecting to initial peer %s: %r", maddr, e)
+        node.blacklist.register_success(peer_id)  # asked for by name: not skipped as suspended
+        await node.protocol.call_ping(peer_id)
+
+    await asyncio.gather(*(ping(m) for m in initial_peers), return_exceptions=True)
 
 
 async def visible_maddrs(p2p: P2P) -> list[str]:

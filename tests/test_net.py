@@ -7,7 +7,15 @@ import time
 
 import pytest
 
-from swarm.net import NodeSettings, start_dht, start_p2p, stop_node, visible_maddrs
+from swarm.net import (
+    MAX_SUSPENSION_S,
+    CappedBlacklist,
+    NodeSettings,
+    start_dht,
+    start_p2p,
+    stop_node,
+    visible_maddrs,
+)
 
 
 async def _node(initial_peers=(), **fields):
@@ -47,3 +55,48 @@ async def _relearns(refresh_s: float | None, wait_s: float) -> bool:
 @pytest.mark.parametrize("refresh_s, expected", [(1.0, True), (None, False)])
 def test_a_node_relearns_a_forgotten_neighbour_by_refreshing_its_table(refresh_s, expected):
     assert asyncio.run(asyncio.wait_for(_relearns(refresh_s, wait_s=6.0), 60)) is expected
+
+
+async def _refills(refresh_s: float | None, wait_s: float) -> bool:
+    """A client's node (no one contacts it) loses every node of its table and has its one neighbour
+    suspended; whether its table holds a node again within `wait_s`."""
+    nodes = []
+    try:
+        nodes.append(await _node(routing_refresh_s=refresh_s))
+        first = [str(a) for a in await visible_maddrs(nodes[0][0])]
+        nodes.append(await _node(first, routing_refresh_s=refresh_s))
+        nodes.append(await _node(first, client_mode=True, routing_refresh_s=refresh_s))
+        client = nodes[2][1]
+        table = client.protocol.routing_table
+        assert len(table.uid_to_peer_id) >= 1
+        for node_id in list(table.uid_to_peer_id):
+            del table[node_id]
+        client.blacklist.register_failure(nodes[0][1].peer_id)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if len(table.uid_to_peer_id) >= 2:  # the initial peer, then the node it knows
+                return True
+            await asyncio.sleep(0.1)
+        return False
+    finally:
+        for p2p, dht in reversed(nodes):
+            await stop_node(dht, p2p)
+
+
+@pytest.mark.parametrize("refresh_s, expected", [(1.0, True), (None, False)])
+def test_a_node_with_an_empty_table_refills_it_through_its_initial_peers(refresh_s, expected):
+    assert asyncio.run(asyncio.wait_for(_refills(refresh_s, wait_s=6.0), 60)) is expected
+
+
+def test_a_suspension_never_exceeds_the_cap():
+    from hivemind.p2p import PeerID
+    from hivemind.utils.timed_storage import get_dht_time
+
+    blacklist = CappedBlacklist(5.0, 2.0)
+    peer = PeerID(b"\x00\x01" + bytes(32))
+    for _ in range(20):  # each failure after the last suspension ran out
+        blacklist.banned_peers.clear()
+        blacklist.register_failure(peer)
+    assert peer in blacklist
+    until = blacklist.banned_peers.get(peer).expiration_time
+    assert until - get_dht_time() <= MAX_SUSPENSION_S + 1
