@@ -519,6 +519,12 @@ class Scenario:
                                  "monitor": analysis.distribution(monitor_fetch, 3)},
             "find_rpcs_per_fetch": analysis.distribution([e["find_rpcs"] for e in self.snapshots()], 1),
             "find_nodes_per_fetch": analysis.distribution([e["find_nodes"] for e in self.snapshots()], 1),
+            # the monitor's DHT routing table and its suspended nodes at each of its reads
+            "monitor_table_nodes": analysis.distribution([e.get("table", 0) for e in self.snapshots()], 1),
+            "monitor_suspended_nodes": analysis.distribution([e.get("suspended", 0) for e in self.snapshots()], 1),
+            # (seconds since the first read, peers in the view) at every 10th read of the monitor
+            "monitor_view_peers": [[round(e["t"] - self.snapshots()[0]["t"]), len(e["peers"])]
+                                   for e in self.snapshots()[::10]],
             "peers_ready_s": analysis.distribution(
                 [self.ready[h]["t"] - self.peers[h].started_at for h in self.ready], 1),
             "placement": self.placement_figures(),

@@ -210,6 +210,8 @@ async def monitor(args) -> None:
                 calls, nodes = finds.take()
                 records = peer_records(snapshot)
                 emit("snapshot", fetch_s=fetch_s, find_rpcs=calls, find_nodes=nodes,
+                     table=len(transport.dht.protocol.routing_table.uid_to_peer_id),
+                     suspended=len(transport.dht.blacklist.banned_peers),
                      peers={p: [r.start, r.end, r.state] for p, r in records.items()})
             if watched:
                 emit("watch", served=await _info_of(transport, watched))
