@@ -231,9 +231,12 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         return_dict: bool | None = None,
+        logits_to_keep: int = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """Logits for the tokens the session has not seen yet ([batch, new, vocab])."""
+        """Logits for the tokens the session has not seen yet ([batch, new, vocab]); with `logits_to_keep`
+        = k > 0 for the last k of them only (what `generate` asks for: a 2048-token prompt's full logits
+        would be 2048 x vocab floats, over 1 GB for Llama 3, for the one row it reads)."""
         with contextlib.ExitStack() as stack:
             session = self._session
             one_shot = session is None
@@ -259,6 +262,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                 hidden = run_verified(session, functools.partial(session.step, inputs_embeds, valid))
             else:
                 hidden = session.step(inputs_embeds, valid)
+            if logits_to_keep > 0:
+                hidden = hidden[:, -logits_to_keep:]
             logits = self.lm_head(self.norm(hidden)).float()
         return CausalLMOutputWithPast(logits=logits)
 
