@@ -61,6 +61,10 @@ class ClientConfig:
     verify_settle_timeout_s: float = 10.0
     report_wrong_results: bool = True  # publish a signed report record of each peer this client convicts
     max_reports_per_hour: int = 10
+    # a step of more tokens than this (a prompt) through several hops goes as a pipeline of steps of this
+    # many: all sent to the first hop at once, each pushed on as soon as it is done, so hop i works on one
+    # part while hop i + 1 works on the one before (InferenceSession._pipelined); 0 = one step
+    pipeline_chunk_tokens: int = 512
     replay_chunk_tokens: int = 1024  # kept inputs are replayed to a replacement in steps of this many tokens
     max_kept_bytes: int = 4 << 30  # bound on the inputs a session keeps for recovery (checked when it starts)
 

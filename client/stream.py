@@ -100,13 +100,14 @@ class SpanStream:
         _raise_refusal(reply, hop)
         return reply
 
-    def push_target(self, pusher: str, position: int) -> dict | None:
+    def push_target(self, pusher: str, position: int, ahead: int = 0) -> dict | None:
         """Where peer `pusher` pushes this hop's step at `position` (None if this peer takes no forwarded
-        steps); its token is good for that pusher and that position only."""
+        steps); its token is good for that pusher and that position only. `ahead`: steps of this hop
+        before that one whose results were not read yet."""
         if self.push_key is None:
             return None
         return {"peer": self.hop.peer_id, "session": self.session_id, "token": push_token(self.push_key, pusher, position),
-                "step": self.steps, "dtype": self.wire_dtype, "minor": self.minor}
+                "step": self.steps + ahead, "dtype": self.wire_dtype, "minor": self.minor}
 
     async def step(self, hidden, position_ids, valid, position: int, push=(), fallback: bool = False) -> torch.Tensor:
         """Send one step; return the peer's output hidden states ([batch, new, hidden], our dtype).
@@ -114,6 +115,21 @@ class SpanStream:
         await self._send(hidden, position_ids, valid, position, push, fallback)
         await self._rolled_back()
         return await self._result(hidden, position, self._timeout_s(hidden))
+
+    async def send(self, hidden, position_ids, valid, position: int, push=(), ahead: int = 0) -> None:
+        """Send a step without waiting for its result (`ahead`: steps sent before it whose results were
+        not read yet); `result` reads the results in order."""
+        await self._send(hidden, position_ids, valid, position, push, fallback=False, ahead=ahead)
+
+    async def result(self, hidden, position: int) -> torch.Tensor:
+        """The result of the oldest step sent with `send` whose result was not read yet."""
+        await self._rolled_back()
+        return await self._result(hidden, position, self._timeout_s(hidden))
+
+    def prefetch(self) -> None:
+        """Start reading the next reply now (a later read gets it): a peer never waits on us to write."""
+        if self._reading is None:
+            self._reading = asyncio.ensure_future(read_message(self.reader, REPLY_MAX_BYTES))
 
     async def rollback(self, position: int) -> None:
         """Ask the peer to hold only the session's first `position` tokens; the reply is read (and checked)
@@ -154,9 +170,9 @@ class SpanStream:
     def _timeout_s(self, hidden) -> float:
         return self.config.step_timeout_s + hidden.shape[0] * hidden.shape[1] * self.config.step_timeout_per_token_s
 
-    async def _send(self, hidden, position_ids, valid, position: int, push, fallback: bool) -> None:
+    async def _send(self, hidden, position_ids, valid, position: int, push, fallback: bool, ahead: int = 0) -> None:
         message = {
-            "type": "step", "minor": PROTOCOL_MINOR, "step": self.steps, "position": position,
+            "type": "step", "minor": PROTOCOL_MINOR, "step": self.steps + ahead, "position": position,
             "hidden": pack_tensor(hidden.to(self.dtype)), "position_ids": pack_tensor(position_ids),
             "valid": pack_tensor(valid),
         }
