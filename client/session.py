@@ -218,17 +218,37 @@ class InferenceSession:
             self._check_memory(hidden.shape[0], hidden.shape[2])
         chunk = self.model.client_config.pipeline_chunk_tokens
         if chunk > 0 and hidden.shape[1] > chunk and len(self.hops) > 1:
-            return await self._pipelined(hidden, position_ids, valid, chunk)
+            out = await self._pipelined(hidden, position_ids, valid, chunk)
+        else:
+            out = await self._through_hops(hidden, position_ids, valid, self.position)
+        for i in reversed(range(len(self.hops))):  # at the step boundary: leave peers that are draining
+            if self.hops[i].stream.drain_deadline is not None:
+                await self._replace(i, "draining")
+        return out
+
+    async def _through_hops(self, hidden, position_ids, valid, at: int, sent=None):
+        """One step at position `at` through every hop in turn; a failed hop is routed again, fed its kept
+        inputs, and the step goes on on its replacement(s). Returns the last hop's output.
+
+        `sent` (the pipeline's, see `_pipelined`): (stream, written, push route, planned streams) of a step
+        already sent to the first hop: its result is read once `written` is done, and the pushes that
+        step planned count only for the hops of that moment (`planned`)."""
         i = 0
         asked = forwarded = False  # whether the previous hop was asked to push hop i's input, and did
+        planned_chain = False  # the pushes reaching hop i are those planned in `sent`
         while i < len(self.hops):
             hop = self.hops[i]
-            push = self._push_route(i + 1)
+            push = self._push_route(i + 1, at)
             try:
-                if forwarded:
-                    out = await hop.stream.forwarded_step(hidden, position_ids, valid, self.position, push)
+                if i == 0 and sent is not None and hop.stream is sent[0]:
+                    await sent[1]
+                    out = await hop.stream.result(hidden, at)
+                    push, planned_chain = sent[2], True
+                elif forwarded:
+                    out = await hop.stream.forwarded_step(hidden, position_ids, valid, at, push)
                 else:  # "fallback": a push that reported failure (or a failed hop's push) may still land
-                    out = await hop.stream.step(hidden, position_ids, valid, self.position, push, fallback=asked)
+                    out = await hop.stream.step(hidden, position_ids, valid, at, push, fallback=asked)
+                    planned_chain = False
             except (PeerError, ConnectionError, TimeoutError) as e:
                 self._ban_for(hop.peer_id, e)
                 logger.warning("hop %s [%s] failed: %s", hop.peer_id[-6:], hop.span, e)
@@ -237,42 +257,39 @@ class InferenceSession:
                 continue  # the same step, now on the replacement hop(s)
             hop.keep(hidden, position_ids, valid)
             if self.verifier is not None:
-                self.verifier.record(hop, self.position, out, valid, pushed=forwarded)
+                self.verifier.record(hop, at, out, valid, pushed=forwarded)
             self.model.bans.clear(hop.peer_id)
             asked = bool(push)
-            forwarded = asked and hop.stream.pushed
+            # a push planned before a failover went to the hop of that moment, not to its replacement
+            following = self.hops[i + 1].stream if i + 1 < len(self.hops) else None
+            forwarded = asked and hop.stream.pushed and (not planned_chain or following in sent[3])
             hidden = out
             i += 1
-        for i in reversed(range(len(self.hops))):  # at the step boundary: leave peers that are draining
-            if self.hops[i].stream.drain_deadline is not None:
-                await self._replace(i, "draining")
         return hidden
 
     async def _pipelined(self, hidden, position_ids, valid, chunk: int):
         """One long step (a prompt) as consecutive steps of `chunk` tokens through the route: every part
         is sent to the first hop at once (a task of its own: the peer reads only a few messages ahead, and
         its results must be read meanwhile), each with its push route, so hop i runs part c + 1 while
-        hop i + 1 runs part c. Results are then taken part by part, hop by hop, with the failover of
-        `_step`: a part's failed hop is routed again and fed its kept inputs (the parts before), and the
-        part goes on from there. Pushes planned with the first sends name the hops of that moment; a hop
-        that replaced one since gets its parts from us. Returns the last hop's outputs, joined."""
-        base = self.position
-        parts = [(hidden[:, o : o + chunk], position_ids[:, o : o + chunk], valid[:, o : o + chunk], base + o)
-                 for o in range(0, hidden.shape[1], chunk)]
+        hop i + 1 runs part c. Results are then taken part by part with `_through_hops` (its failover
+        included: a part's failed hop is routed again and fed the parts before). Returns the last hop's
+        outputs, joined."""
+        parts = [(hidden[:, o : o + chunk], position_ids[:, o : o + chunk], valid[:, o : o + chunk],
+                  self.position + o) for o in range(0, hidden.shape[1], chunk)]
         first = self.hops[0].stream
         planned = {h.stream for h in self.hops}  # the streams the first sends' push routes name
         pushes = [self._push_route(1, at, ahead=c) for c, (_, _, _, at) in enumerate(parts)]
-        sent = [asyncio.get_running_loop().create_future() for _ in parts]
+        written = [asyncio.get_running_loop().create_future() for _ in parts]
 
         async def send_all() -> None:
             for c, (h, p, v, at) in enumerate(parts):
                 try:
                     await first.send(h, p, v, at, pushes[c], ahead=c)
-                except (ConnectionError, RuntimeError) as e:  # the first hop's stream broke: the loop fails over
-                    for future in sent[c:]:
+                except (ConnectionError, RuntimeError) as e:  # the first hop's stream broke: failover
+                    for future in written[c:]:
                         future.set_exception(ConnectionError(f"stream closed while sending a prompt: {e!r}"))
                     return
-                sent[c].set_result(True)
+                written[c].set_result(True)
 
         sending = asyncio.create_task(send_all())
         outs = []
@@ -280,48 +297,13 @@ class InferenceSession:
             for c, (h, p, v, at) in enumerate(parts):
                 for hop in self.hops:
                     hop.stream.prefetch()
-                x, i = h, 0
-                asked = forwarded = False
-                planned_chain = False  # the pushes reaching hop i were planned by the first sends
-                while i < len(self.hops):
-                    hop = self.hops[i]
-                    push = self._push_route(i + 1, at)
-                    try:
-                        if i == 0 and hop.stream is first:
-                            await sent[c]
-                            out = await first.result(x, at)
-                            push, planned_chain = pushes[c], True
-                        elif forwarded:
-                            out = await hop.stream.forwarded_step(x, p, v, at, push)
-                        else:
-                            out = await hop.stream.step(x, p, v, at, push, fallback=asked)
-                            planned_chain = False
-                    except (PeerError, ConnectionError, TimeoutError) as e:
-                        self._ban_for(hop.peer_id, e)
-                        logger.warning("hop %s [%s] failed: %s", hop.peer_id[-6:], hop.span, e)
-                        await self._replace(i, f"failed: {e}")
-                        forwarded = False
-                        continue
-                    hop.keep(x, p, v)
-                    if self.verifier is not None:
-                        self.verifier.record(hop, at, out, v, pushed=forwarded)
-                    self.model.bans.clear(hop.peer_id)
-                    asked = bool(push)
-                    nxt = self.hops[i + 1] if i + 1 < len(self.hops) else None
-                    # a push planned at the first sends went to the hop of that moment, not to its replacement
-                    forwarded = asked and hop.stream.pushed and (
-                        not planned_chain or (nxt is not None and nxt.stream in planned))
-                    x = out
-                    i += 1
-                outs.append(x)
+                sent = (first, written[c], pushes[c], planned)
+                outs.append(await self._through_hops(h, p, v, at, sent=sent))
         finally:
             sending.cancel()
-            for future in sent:  # sends that failed after the loop stopped waiting on them
+            for future in written:  # sends that failed after the loop stopped waiting on them
                 if future.done() and not future.cancelled():
                     future.exception()
-        for i in reversed(range(len(self.hops))):  # at the step boundary: leave peers that are draining
-            if self.hops[i].stream.drain_deadline is not None:
-                await self._replace(i, "draining")
         return torch.cat(outs, dim=1)
 
     def _push_route(self, start: int, position: int | None = None, ahead: int = 0) -> list[dict]:

@@ -113,8 +113,7 @@ class SpanStream:
         """Send one step; return the peer's output hidden states ([batch, new, hidden], our dtype).
         `push`: the route's next hops (push targets) for the peer to send its output to."""
         await self._send(hidden, position_ids, valid, position, push, fallback)
-        await self._rolled_back()
-        return await self._result(hidden, position, self._timeout_s(hidden))
+        return await self.result(hidden, position)
 
     async def send(self, hidden, position_ids, valid, position: int, push=(), ahead: int = 0) -> None:
         """Send a step without waiting for its result (`ahead`: steps sent before it whose results were
@@ -122,7 +121,7 @@ class SpanStream:
         await self._send(hidden, position_ids, valid, position, push, fallback=False, ahead=ahead)
 
     async def result(self, hidden, position: int) -> torch.Tensor:
-        """The result of the oldest step sent with `send` whose result was not read yet."""
+        """The result of the oldest step sent whose result was not read yet (after any rollbacks' replies)."""
         await self._rolled_back()
         return await self._result(hidden, position, self._timeout_s(hidden))
 
