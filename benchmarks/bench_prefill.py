@@ -28,9 +28,8 @@ from pathlib import Path
 import bench_decode  # benchmarks/bench_decode.py, beside this file
 import torch
 from bench_decode import add_model_args, finish_model_args, machine_info, model_info, prepare_model
-from bench_serving import peer_infos, ready_fields
+from bench_serving import new_client, peer_infos, ready_fields
 
-from client import ClientConfig, DistributedModelForCausalLM, loop
 from client.launcher import LocalSwarm
 from client.stream import SpanStream
 
@@ -122,15 +121,6 @@ def swarm_runs(client, prompt, repeats: int, peers) -> dict:
     }
 
 
-def new_client(path: Path, initial_peers: list[str], chunk: int, args) -> DistributedModelForCausalLM:
-    config = ClientConfig(initial_peers=tuple(initial_peers), wait_for_route_s=60,
-                          pipeline_chunk_tokens=chunk)
-    client = DistributedModelForCausalLM.from_pretrained(
-        path, client_config=config, dtype=getattr(torch, args.dtype), device=args.device)
-    loop.run(client.transport(), timeout_s=120)
-    return client
-
-
 def run(args, work: Path) -> dict:
     torch.set_num_threads(args.threads)
     machine = machine_info(args.device)
@@ -158,7 +148,7 @@ def run(args, work: Path) -> dict:
         procs = swarm.start_peers(spans, extra=flags)
         peers = [ready_fields(p.ready_line) for p in procs]
         for chunk in args.chunks:
-            client = new_client(model_path, swarm.initial_peers, chunk, args)
+            client = new_client(model_path, swarm.initial_peers, args, pipeline_chunk_tokens=chunk)
             try:
                 for n, prompt in prompts.items():
                     sw = swarm_runs(client, prompt, args.repeats, peers)

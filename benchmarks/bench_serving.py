@@ -107,8 +107,9 @@ def ready_fields(line: str) -> tuple[str, list[str]]:
     return fields["peer_id"], [a for a in fields.get("addrs", "").split(",") if a]
 
 
-def new_client(path: Path, initial_peers: list[str], args) -> DistributedModelForCausalLM:
-    config = ClientConfig(initial_peers=tuple(initial_peers), wait_for_route_s=60)
+def new_client(path: Path, initial_peers: list[str], args, **fields) -> DistributedModelForCausalLM:
+    """A client of the swarm on the device and dtype of `args` (`fields`: more ClientConfig fields)."""
+    config = ClientConfig(initial_peers=tuple(initial_peers), wait_for_route_s=60, **fields)
     client = DistributedModelForCausalLM.from_pretrained(
         path, client_config=config, dtype=getattr(torch, args.dtype), device=args.device)
     loop.run(client.transport(), timeout_s=120)  # p2pd + DHT now: concurrent sessions must not race to it

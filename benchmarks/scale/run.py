@@ -500,7 +500,8 @@ class Scenario:
             e, self.links, self.client_hosts[i], self.host_of, self.cfg.blocks, os.path.basename(self.model)))]
         rtt = [x for i, e in gens for x in analysis.rtt_ratios(e, self.links, self.client_hosts[i], self.host_of)]
         client_fetch = [s for _, e in gens for s in e["fetch_s"]]
-        monitor_fetch = [e["fetch_s"] for e in self.snapshots()]
+        reads = self.snapshots()  # the monitor's
+        monitor_fetch = [e["fetch_s"] for e in reads]
         return {
             "generations": {"completed": len(gens), "failed": len(failed), "wrong_tokens": len(wrong),
                             "in_flight_at_kill": len(spanning),
@@ -517,14 +518,13 @@ class Scenario:
             "measured_over_true_rtt": analysis.distribution(rtt, 2),
             "snapshot_fetch_s": {"client": analysis.distribution(client_fetch, 3),
                                  "monitor": analysis.distribution(monitor_fetch, 3)},
-            "find_rpcs_per_fetch": analysis.distribution([e["find_rpcs"] for e in self.snapshots()], 1),
-            "find_nodes_per_fetch": analysis.distribution([e["find_nodes"] for e in self.snapshots()], 1),
+            "find_rpcs_per_fetch": analysis.distribution([e["find_rpcs"] for e in reads], 1),
+            "find_nodes_per_fetch": analysis.distribution([e["find_nodes"] for e in reads], 1),
             # the monitor's DHT routing table and its suspended nodes at each of its reads
-            "monitor_table_nodes": analysis.distribution([e.get("table", 0) for e in self.snapshots()], 1),
-            "monitor_suspended_nodes": analysis.distribution([e.get("suspended", 0) for e in self.snapshots()], 1),
+            "monitor_table_nodes": analysis.distribution([e.get("table", 0) for e in reads], 1),
+            "monitor_suspended_nodes": analysis.distribution([e.get("suspended", 0) for e in reads], 1),
             # (seconds since the first read, peers in the view) at every 10th read of the monitor
-            "monitor_view_peers": [[round(e["t"] - self.snapshots()[0]["t"]), len(e["peers"])]
-                                   for e in self.snapshots()[::10]],
+            "monitor_view_peers": [[round(e["t"] - reads[0]["t"]), len(e["peers"])] for e in reads[::10]],
             "peers_ready_s": analysis.distribution(
                 [self.ready[h]["t"] - self.peers[h].started_at for h in self.ready], 1),
             "placement": self.placement_figures(),
