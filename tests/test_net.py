@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
@@ -25,31 +26,43 @@ async def _node(initial_peers=(), **fields):
     return p2p, dht
 
 
-async def _relearns(refresh_s: float | None, wait_s: float) -> bool:
-    """Three nodes; one of them forgets another (as hivemind does when an RPC goes unanswered); whether
-    it knows it again within `wait_s`, without that node contacting it."""
+@contextlib.asynccontextmanager
+async def _three_nodes(refresh_s: float | None, third_is_client: bool = False):
+    """A first node and two that join through it (the third in client mode if asked); all stopped on exit."""
     nodes = []
     try:
         nodes.append(await _node(routing_refresh_s=refresh_s))
         first = [str(a) for a in await visible_maddrs(nodes[0][0])]
         nodes.append(await _node(first, routing_refresh_s=refresh_s))
-        nodes.append(await _node(first, routing_refresh_s=refresh_s))
-        table = nodes[1][1].protocol.routing_table
-        forgotten = nodes[2][1].node_id
-        deadline = time.monotonic() + 10
-        while forgotten not in table and time.monotonic() < deadline:  # it learns of the third at its start
-            await nodes[1][1].find_nearest_nodes([forgotten])
-        assert forgotten in table
-        del table[forgotten]
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            if forgotten in table:
-                return True
-            await asyncio.sleep(0.1)
-        return False
+        nodes.append(await _node(first, client_mode=third_is_client, routing_refresh_s=refresh_s))
+        yield [dht for _, dht in nodes]
     finally:
         for p2p, dht in reversed(nodes):
             await stop_node(dht, p2p)
+
+
+async def _within(wait_s: float, condition) -> bool:
+    """Whether `condition()` comes true within `wait_s` (polled every 0.1 s)."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+async def _relearns(refresh_s: float | None, wait_s: float) -> bool:
+    """Three nodes; one of them forgets another (as hivemind does when an RPC goes unanswered); whether
+    it knows it again within `wait_s`, without that node contacting it."""
+    async with _three_nodes(refresh_s) as nodes:
+        table = nodes[1].protocol.routing_table
+        forgotten = nodes[2].node_id
+        deadline = time.monotonic() + 10
+        while forgotten not in table and time.monotonic() < deadline:  # it learns of the third at its start
+            await nodes[1].find_nearest_nodes([forgotten])
+        assert forgotten in table
+        del table[forgotten]
+        return await _within(wait_s, lambda: forgotten in table)
 
 
 @pytest.mark.parametrize("refresh_s, expected", [(1.0, True), (None, False)])
@@ -60,27 +73,15 @@ def test_a_node_relearns_a_forgotten_neighbour_by_refreshing_its_table(refresh_s
 async def _refills(refresh_s: float | None, wait_s: float) -> bool:
     """A client's node (no one contacts it) loses every node of its table and has its one neighbour
     suspended; whether its table holds a node again within `wait_s`."""
-    nodes = []
-    try:
-        nodes.append(await _node(routing_refresh_s=refresh_s))
-        first = [str(a) for a in await visible_maddrs(nodes[0][0])]
-        nodes.append(await _node(first, routing_refresh_s=refresh_s))
-        nodes.append(await _node(first, client_mode=True, routing_refresh_s=refresh_s))
-        client = nodes[2][1]
+    async with _three_nodes(refresh_s, third_is_client=True) as nodes:
+        client = nodes[2]
         table = client.protocol.routing_table
         assert len(table.uid_to_peer_id) >= 1
         for node_id in list(table.uid_to_peer_id):
             del table[node_id]
-        client.blacklist.register_failure(nodes[0][1].peer_id)
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            if len(table.uid_to_peer_id) >= 2:  # the initial peer, then the node it knows
-                return True
-            await asyncio.sleep(0.1)
-        return False
-    finally:
-        for p2p, dht in reversed(nodes):
-            await stop_node(dht, p2p)
+        client.blacklist.register_failure(nodes[0].peer_id)
+        # the initial peer, then the node it knows
+        return await _within(wait_s, lambda: len(table.uid_to_peer_id) >= 2)
 
 
 @pytest.mark.parametrize("refresh_s, expected", [(1.0, True), (None, False)])
