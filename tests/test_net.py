@@ -152,7 +152,7 @@ def test_the_address_book_keeps_only_the_latest_peers():
     from hivemind.p2p import PeerID
 
     class Node:  # what AddressBook reads of a DHTNode
-        p2p = None
+        p2p = peer_id = None
         protocol = type("Protocol", (), {"wait_timeout": 1.0, "call_ping": None, "call_store": None,
                                          "call_find": None})()
 
