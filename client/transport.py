@@ -116,10 +116,10 @@ class HivemindTransport(StreamRequests):
         from swarm.identity import Identity
         from swarm.net import NodeSettings, start_dht, start_p2p
 
-        identity = Identity.load_or_create(None)
+        identity = Identity.load_or_create(None)  # ephemeral: no running node can hold it
         settings = NodeSettings(
             initial_peers=tuple(initial_peers), client_mode=True, startup_timeout_s=timeout_s,
-            identity_path=identity.p2pd_identity_path, swarm_key=swarm_key,
+            identity_path=identity.p2pd_identity_path, check_identity_free=False, swarm_key=swarm_key,
         )
         try:
             p2p = await start_p2p(settings)

@@ -71,6 +71,10 @@ class NodeSettings:
     port: int = 0
     announce_maddrs: Sequence[str] = ()
     identity_path: str | None = None
+    # whether p2pd first checks that no running node holds this identity (hivemind starts a second, anonymous
+    # daemon that joins through the initial peers and dials it: seconds on a slow link). Pointless for an
+    # identity made a moment ago for this process (swarm.identity's ephemeral ones, as clients use).
+    check_identity_free: bool = True
     client_mode: bool = False
     startup_timeout_s: float = 30.0
     swarm_key: SwarmKey | None = None  # a private swarm's key (swarm.admission); None = a public swarm
@@ -96,6 +100,7 @@ async def start_p2p(settings: NodeSettings) -> P2P:
         announce_maddrs=list(settings.announce_maddrs) or None,
         identity_path=settings.identity_path,
         startup_timeout=settings.startup_timeout_s,
+        check_if_identity_free=settings.check_identity_free,
     )
     if settings.client_mode:
         kwargs["host_maddrs"] = ["/ip4/127.0.0.1/tcp/0"]

@@ -114,7 +114,7 @@ async def serve(args: argparse.Namespace, config: HealthConfig) -> None:
     identity = Identity.load_or_create(None)
     settings = NodeSettings(
         initial_peers=tuple(args.initial_peers), client_mode=True, identity_path=identity.p2pd_identity_path,
-        swarm_key=config.swarm_key,
+        check_identity_free=False, swarm_key=config.swarm_key,  # an ephemeral identity: no one else holds it
     )
     try:
         p2p = await start_p2p(settings)
