@@ -317,7 +317,7 @@ async def _announce_ghost(initial_peers) -> str:
 
 
 class _BrokenDHT:
-    num_workers, num_replicas = 4, 5  # what records sizes its reads by
+    num_replicas = 5  # what records sizes its reads by
 
     async def get_many(self, *args, **kwargs):
         raise RuntimeError("the DHT is down")

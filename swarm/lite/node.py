@@ -31,7 +31,7 @@ from swarm import records
 from swarm.admit import ADMISSION_HANDLER, ERROR_PRIVATE
 from swarm.errors import ConfigError, NotAdmitted, PeerError, PeerRefused, ProtocolError, VersionMismatch
 from swarm.lite.bridge import TrioThread
-from swarm.lite.dht import ALPHA, BEAM_SIZE, DHTReader
+from swarm.lite.dht import BEAM_SIZE, DHTReader
 from swarm.peerid import peer_id_of_public_key
 from swarm.protocol import INFO_HANDLER, read_message, write_message
 
@@ -206,24 +206,21 @@ class _Item:
 
 class LiteDHT:
     """The one DHTNode method swarm.records reads through, on a DHTReader: `get_many(keys,
-    sufficient_expiration_time, beam_size, return_futures=True, num_workers)`, each key's future resolving to None or to a
+    sufficient_expiration_time, beam_size, return_futures=True)`, each key's future resolving to None or to a
     dictionary value {subkey: item(value, expiration_time)}. So records.fetch_blocks, fetch_models and
     every later reader in records run unchanged on the lite backend, with the same decoding.
 
     One search serves all keys; it stops at `search_timeout_s`, under the bounds records and the health
     crawler wait with (5 s and more), so what it found comes back before they give up on it."""
 
-    # what records reads of a DHTNode to size its searches; num_workers is ignored (the reader asks ALPHA
-    # nodes per key per round, all keys at once), the beam records asks for is 2 * num_replicas
-    num_workers = ALPHA
-    num_replicas = BEAM_SIZE // 2
+    num_replicas = BEAM_SIZE // 2  # records asks a DHTNode for a beam of 2 * num_replicas: the reader's own
 
     def __init__(self, reader: DHTReader, search_timeout_s: float = 4.0):
         self.reader = reader
         self.search_timeout_s = search_timeout_s
 
     async def get_many(self, keys: Sequence[str], sufficient_expiration_time: float | None = None,
-                       beam_size: int | None = None, return_futures: bool = False, num_workers: int | None = None):
+                       beam_size: int | None = None, return_futures: bool = False):
         latest = sufficient_expiration_time is not None
         search = asyncio.ensure_future(self.reader.get_many(list(keys), self.search_timeout_s, latest,
                                                             beam_size or BEAM_SIZE))
