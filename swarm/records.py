@@ -782,20 +782,12 @@ async def fetch_models(
     return sorted(records, key=lambda r: (r.model_id, r.num_blocks, r.config_hash, r.repository))
 
 
-# A latest=True read visits, for every key, each node of its beam nearest to the key that answers (one
-# find RPC carries several keys), 4 RPCs at a time (hivemind's num_workers). A key lives on num_replicas (5)
-# nodes: a beam of twice that still finds them where readers' and writers' tables differ, and visits half
-# the nodes of hivemind's default beam (bucket_size, 20). More RPCs at once (one per key, up to 32) was
-# tried in the scale harness at 30 peers: the monitor's reads were no faster (median 1.4 s, p90 5.3 s) on
-# the loaded 2-core machine, and new clients' p2pd failed to reach the bootstrap node (in two runs; not
-# separated from hivemind's identity check, since skipped for clients).
 async def _get_many(node: DHTNode, keys: list[str], timeout_s: float, latest: bool) -> dict[str, object]:
     """{key: hivemind's ValueWithExpiration or None}; lookups unfinished after `timeout_s` are cancelled."""
     if not keys:
         return {}
     futures = await node.get_many(
-        keys, sufficient_expiration_time=float("inf") if latest else None, return_futures=True,
-        beam_size=2 * node.num_replicas,
+        keys, sufficient_expiration_time=float("inf") if latest else None, return_futures=True
     )
     done, pending = await asyncio.wait(futures.values(), timeout=timeout_s)
     for future in pending:

@@ -317,8 +317,6 @@ async def _announce_ghost(initial_peers) -> str:
 
 
 class _BrokenDHT:
-    num_replicas = 5  # what records sizes its reads by
-
     async def get_many(self, *args, **kwargs):
         raise RuntimeError("the DHT is down")
 

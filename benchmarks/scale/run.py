@@ -258,9 +258,7 @@ class Scenario:
         common = ["--model", self.model, "--initial-peers", *self.initial_peers]
         self.monitor = self.h.start("monitor", mon.netns, python(
             "-m", "benchmarks.scale.worker", "monitor", *common, "--num-blocks", str(self.cfg.blocks),
-            # a full read of every block key is ~50 find RPCs answered by ~10 nodes (swarm.records): every 5 s,
-            # twice the health page's rate, the monitor stays a small part of the load it measures
-            "--period-s", "5"), env=self.env)
+            "--period-s", "2"), env=self.env)
         self.monitor.wait_for(lambda: self.monitor.events_of("monitor_ready"), 180, "monitor_ready")
 
     def start_clients(self) -> None:

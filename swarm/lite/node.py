@@ -213,8 +213,6 @@ class LiteDHT:
     One search serves all keys; it stops at `search_timeout_s`, under the bounds records and the health
     crawler wait with (5 s and more), so what it found comes back before they give up on it."""
 
-    num_replicas = BEAM_SIZE // 2  # records asks a DHTNode for a beam of 2 * num_replicas: the reader's own
-
     def __init__(self, reader: DHTReader, search_timeout_s: float = 4.0):
         self.reader = reader
         self.search_timeout_s = search_timeout_s
