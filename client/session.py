@@ -23,7 +23,7 @@ from client.routing import Hop, plan_route
 from client.stream import SpanStream
 from client.swarmview import candidate, peer_records
 from client.verifier import Verifier
-from swarm.errors import MissingBlocksError, PeerError, PeerRefused, SessionError
+from swarm.errors import MissingBlocksError, PeerError, PeerFull, PeerRefused, SessionError
 from swarm.spans import Span
 
 logger = logging.getLogger(__name__)
@@ -424,22 +424,43 @@ class InferenceSession:
                 await asyncio.sleep(delay)
 
     async def _open(self, route: list[Hop], addrs) -> list[HopState]:
+        """One open stream per hop of `route`, in route order.
+
+        Every hop is opened at once, each peer asked not to wait for KV room. If some are full, waiting for
+        them while holding the others' room could deadlock: two clients each holding the peer the other
+        waits for (on a busy swarm every hop of a route may be full for somebody). So the rest is taken in
+        one order every client shares, the peers' ids: the streams opened to peers below the first full
+        one are kept, the others are closed, and the remaining hops are opened one by one in that order,
+        each waiting its peer's admission time. A client then waits only while holding peers ordered
+        before the one it waits for, so no cycle of waits can form."""
         model, config = self.model, self.model.client_config
         transport = await model.transport()
         batch = int(self.row_tokens.shape[0]) if self.row_tokens is not None else 1
-        results = await asyncio.gather(*(
-            SpanStream.open(transport, hop, addrs.get(hop.peer_id, []), model.model_id, batch,
-                            self.max_length, config)
-            for hop in route
-        ), return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
-            for r in results:
-                if isinstance(r, SpanStream):
-                    asyncio.create_task(r.close())
-            raise errors[0]
+
+        def open_hop(hop: Hop, wait_s: float | None):
+            return SpanStream.open(transport, hop, addrs.get(hop.peer_id, []), model.model_id, batch,
+                                   self.max_length, config, wait_s=wait_s)
+
+        results = await asyncio.gather(*(open_hop(hop, 0.0) for hop in route), return_exceptions=True)
+        opened = {i: r for i, r in enumerate(results) if isinstance(r, SpanStream)}
+        full = [i for i, r in enumerate(results) if isinstance(r, PeerFull)]
+        errors = [r for r in results if isinstance(r, BaseException) and not isinstance(r, PeerFull)]
+        try:
+            if errors:
+                raise errors[0]
+            if full:
+                first_full = min(route[i].peer_id for i in full)
+                for i in [i for i in opened if route[i].peer_id > first_full]:
+                    asyncio.create_task(opened.pop(i).close())
+                logger.info("%d of %d hops full; opening the rest in peer order", len(full), len(route))
+                for i in sorted((i for i in range(len(route)) if i not in opened), key=lambda i: route[i].peer_id):
+                    opened[i] = await open_hop(route[i], None)
+        except BaseException:
+            for stream in opened.values():
+                asyncio.create_task(stream.close())
+            raise
         logger.info("route: %s", " -> ".join(f"{h.peer_id[-6:]}[{h.span}]" for h in route))
-        return [HopState(stream) for stream in results]
+        return [HopState(opened[i]) for i in range(len(route))]
 
     async def _replay(self, hops: list[HopState], kept) -> None:
         """Feed the kept inputs through the new hops in chunks, so each cache holds every past position."""

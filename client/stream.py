@@ -19,8 +19,9 @@ import math
 import torch
 
 from client.routing import Hop
-from swarm.errors import PeerError, PeerRefused, ProtocolError
+from swarm.errors import PeerError, PeerFull, PeerRefused, ProtocolError
 from swarm.protocol import (
+    ERROR_FULL,
     INFERENCE_HANDLER,
     PROTOCOL_MINOR,
     WIRE_DTYPES,
@@ -46,7 +47,8 @@ def _read_failure(error: BaseException, hop: Hop) -> PeerError:
 
 def _raise_refusal(reply: dict, hop: Hop) -> None:
     if reply.get("type") == "error":
-        raise PeerRefused(f"peer error ({reply.get('code')}): {reply.get('message')}", peer=hop.peer_id)
+        kind = PeerFull if reply.get("code") == ERROR_FULL else PeerRefused
+        raise kind(f"peer error ({reply.get('code')}): {reply.get('message')}", peer=hop.peer_id)
 
 
 class SpanStream:
@@ -72,13 +74,19 @@ class SpanStream:
         self._rollbacks: list[int] = []  # positions of rollbacks sent whose replies were not read yet
 
     @classmethod
-    async def open(cls, transport, hop: Hop, addrs, model_id: str, batch_size: int, max_length: int, config):
+    async def open(cls, transport, hop: Hop, addrs, model_id: str, batch_size: int, max_length: int, config,
+                   wait_s: float | None = None):
+        """Open a session on hop's peer; `wait_s`: how long it may wait for KV room (None: as long as the
+        peer's admission time), then PeerFull."""
         reader, writer = await transport.open_stream(hop.peer_id, addrs, INFERENCE_HANDLER, config.connect_timeout_s)
         try:
-            await write_message(writer, {
+            message = {
                 "type": "open", "minor": PROTOCOL_MINOR, "model_id": model_id,
                 "blocks": [hop.span.start, hop.span.end], "batch_size": batch_size, "max_length": max_length,
-            })
+            }
+            if wait_s is not None:
+                message["wait_s"] = wait_s
+            await write_message(writer, message)
             reply = await cls._reply(reader, hop, config.connect_timeout_s)
             dtype = reply.get("dtype")
             if reply.get("type") != "opened" or dtype not in WIRE_DTYPES:

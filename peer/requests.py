@@ -19,6 +19,7 @@ class OpenRequest:
     blocks: tuple[int, int]
     batch_size: int
     max_length: int
+    wait_s: float | None = None  # how long the client will wait for KV room (None: the peer's admission time)
 
 
 MAX_PUSH_HOPS = 256
@@ -71,7 +72,12 @@ def parse_open(message: dict, model_id: str, span: Span, max_length_limit: int) 
     max_length = require_int(message.get("max_length"), "max_length", 1, 1 << 24)
     if max_length > max_length_limit:
         raise PeerRefused(f"session length {max_length} exceeds this peer's limit of {max_length_limit} tokens")
-    return OpenRequest(asked_model, (start, end), batch_size, max_length)
+    wait_s = message.get("wait_s")
+    if wait_s is not None:
+        if type(wait_s) not in (int, float) or not 0 <= wait_s <= 3600:
+            raise ProtocolError("field 'wait_s': expected seconds in [0, 3600]")
+        wait_s = float(wait_s)
+    return OpenRequest(asked_model, (start, end), batch_size, max_length, wait_s)
 
 
 def parse_step(

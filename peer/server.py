@@ -36,11 +36,12 @@ from peer.stack import build_stack, plan_memory
 from peer.throughput import ThroughputCache, measure_span, throughput_key
 from swarm import records
 from swarm.direct import DirectDialer, DirectServer, direct_addrs
-from swarm.errors import ConfigError, PeerRefused, ProtocolError
+from swarm.errors import ConfigError, PeerFull, PeerRefused, ProtocolError
 from swarm.identity import Identity
 from swarm.net import NodeSettings, start_dht, start_p2p, stop_node, visible_maddrs
 from swarm.protocol import (
     ERROR_DRAINING,
+    ERROR_FULL,
     ERROR_PROTOCOL,
     ERROR_REFUSED,
     FORWARD_HANDLER,
@@ -445,7 +446,8 @@ class PeerServer:
             if self.state != "online":
                 raise PeerRefused(f"peer is {self.state} and takes no new sessions")
             request = parse_open(message, self.model_id, self.span, self.config.max_session_length_tokens)
-            session = await self.sessions.open(client_id, request.blocks, request.batch_size, request.max_length)
+            session = await self.sessions.open(client_id, request.blocks, request.batch_size, request.max_length,
+                                               request.wait_s)
             if self.state != "online":  # a drain began while the session waited for memory
                 self.sessions.close(session)
                 if self.state == "draining":
@@ -665,4 +667,6 @@ def batch_wait_s(config: PeerConfig) -> float:
 def _error_code(e: ProtocolError | PeerRefused) -> str:
     if isinstance(e, DrainingRefusal):
         return ERROR_DRAINING
+    if isinstance(e, PeerFull):
+        return ERROR_FULL
     return ERROR_REFUSED if isinstance(e, PeerRefused) else ERROR_PROTOCOL

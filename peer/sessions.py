@@ -12,8 +12,8 @@ up front, where the client picks another peer (the declared length of `generate`
 max_new_tokens, so the count is tight).
 
 A session whose worst case exceeds the whole budget is refused at once; one that fits a budget others
-have committed waits up to `admission_timeout_s` for sessions to close, then is refused with PeerRefused
-naming the budget. Never evicts a running session. Every session is released exactly once (close on
+have committed waits up to `admission_timeout_s` (or less, if the client asks: see client.session's
+opening of a route) for sessions to close, then is refused with PeerFull naming the budget. Never evicts a running session. Every session is released exactly once (close on
 stream end, crash of the stream, or idle expiry). `wait_empty()` lets a draining peer wait for its last
 session; open/close run on the event loop thread.
 """
@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from swarm.errors import PeerRefused
+from swarm.errors import PeerFull, PeerRefused
 from swarm.runtime import KVBudget, KVCache
 
 from peer.config import PeerConfig
@@ -133,8 +133,10 @@ class SessionManager:
         if sum(s.client_id == client_id for s in self._sessions.values()) >= c.max_sessions_per_client:
             raise PeerRefused(f"client already has {c.max_sessions_per_client} sessions open on this peer")
 
-    async def open(self, client_id: str, blocks: tuple[int, int], batch_size: int, max_length: int) -> Session:
-        """Admit a session (waiting up to admission_timeout_s for KV memory) or raise PeerRefused."""
+    async def open(self, client_id: str, blocks: tuple[int, int], batch_size: int, max_length: int,
+                   wait_s: float | None = None) -> Session:
+        """Admit a session (waiting up to admission_timeout_s, or `wait_s` if less, for KV memory) or raise
+        PeerRefused (PeerFull if the budget is committed to other sessions)."""
         self.check_limits(client_id, batch_size, max_length)
         cache = self._new_cache(batch_size, max_length, blocks)  # holds no memory until it grows
         if cache.max_nbytes > self.budget.total_bytes:
@@ -143,13 +145,13 @@ class SessionManager:
                 f"{cache.max_nbytes} KV bytes, more than this peer's whole budget of {self.budget.total_bytes}; "
                 "shorten the session or use a peer with more memory"
             )
-        deadline = time.monotonic() + self.config.admission_timeout_s
+        wait_s = self.config.admission_timeout_s if wait_s is None else min(wait_s, self.config.admission_timeout_s)
+        deadline = time.monotonic() + wait_s
         while not self.admissible(cache):
             if time.monotonic() >= deadline:
-                raise PeerRefused(
+                raise PeerFull(
                     f"cache full: {self.committed_bytes} of {self.budget.total_bytes} KV bytes are committed to "
-                    f"{self.active} sessions, {cache.max_nbytes} more needed (waited "
-                    f"{self.config.admission_timeout_s:g} s); try another peer"
+                    f"{self.active} sessions, {cache.max_nbytes} more needed (waited {wait_s:g} s); try another peer"
                 )
             await asyncio.sleep(ADMISSION_POLL_S)
         self.check_limits(client_id, batch_size, max_length)  # others may have opened while we waited

@@ -45,6 +45,11 @@ class PeerRefused(PeerError):
     """The peer refused the request on purpose; retrying the same peer with the same request will not help."""
 
 
+class PeerFull(PeerRefused):
+    """The peer's KV budget is committed to other sessions right now (error code "full"): it may take the
+    session once some close, unlike other refusals."""
+
+
 class NotAdmitted(PeerRefused):
     """A member of a private swarm refused us (swarm.admission): we hold no swarm key, or another one;
     or we hold a key and the node we asked is no member of that private swarm. Fix: --swarm-key FILE."""

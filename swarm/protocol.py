@@ -13,6 +13,10 @@ Draining: a peer that is leaving refuses new sessions (error code ERROR_DRAINING
 "result" it sends while draining carries "drain_deadline" (float, unix time it leaves), as does its
 "info"; older clients ignore the unknown field.
 
+Admission: "open" may carry "wait_s" (seconds, 0 to 3600), how long the client will wait for KV room;
+the peer waits the lesser of that and its own admission time, then refuses with ERROR_FULL (fatal; the
+budget is committed to open sessions, so a later open may succeed). Older peers ignore the field.
+
 Server-to-server steps: a "step" may carry "push", the rest of the route after this hop: a list of
 {"peer", "session", "token", "step", "dtype"} (the next hops' peer ids, session ids, push tokens, the
 step id that hop expects and its wire dtype). A peer dials the next one only at the addresses of that
@@ -75,6 +79,7 @@ FORWARD_HANDLER = f"/swarm/v{PROTOCOL_MAJOR}/forward"  # peer to peer: steps pus
 ERROR_PROTOCOL = "protocol"  # the request failed the strict decoder; fix the sender
 ERROR_REFUSED = "refused"  # refused on purpose (limits, blocks not served); this peer will refuse it again
 ERROR_DRAINING = "draining"  # the peer is leaving soon and takes no new sessions; go to another peer
+ERROR_FULL = "full"  # no KV room now (committed to open sessions) within the open's wait; later there may be
 
 FRAME_BYTES = 1 << 20  # parts of at most 1 MiB, well below hivemind's 4 MiB message cap
 _MORE = 1 << 31

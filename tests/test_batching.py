@@ -26,7 +26,7 @@ from client import ClientConfig, DistributedModelForCausalLM
 from peer.config import PeerConfig
 from peer.scheduler import QUIET_FRACTION, Scheduler
 from peer.sessions import SessionManager
-from swarm.errors import PeerRefused
+from swarm.errors import PeerFull, PeerRefused
 from swarm.runtime import CacheFull, KVBudget, SpanModel, load_span
 from swarm.runtime.batch import Segment
 from swarm.spans import Span
@@ -443,11 +443,18 @@ def test_admission_counts_each_sessions_worst_case(span_models):
         first = await manager.open("a", (1, 4), 1, 2 * page)
         second = await manager.open("b", (1, 4), 1, 2 * page - 5)  # rounds up to whole pages
         assert budget.used_bytes == 0 and manager.cache_tokens_left == 0  # nothing cached, all committed
-        with pytest.raises(PeerRefused, match=r"cache full: .* committed to 2 sessions.*\(waited 0.3 s\)"):
+        with pytest.raises(PeerFull, match=r"cache full: .* committed to 2 sessions.*\(waited 0.3 s\)"):
             await manager.open("c", (1, 4), 1, 1)
         started = time.monotonic()
-        with pytest.raises(PeerRefused, match="more than this peer's whole budget"):
+        with pytest.raises(PeerFull, match=r"\(waited 0 s\)"):  # the client asked not to wait
+            await manager.open("c", (1, 4), 1, 1, wait_s=0.0)
+        with pytest.raises(PeerFull, match=r"\(waited 0.3 s\)"):  # nor longer than the peer's own time
+            await manager.open("c", (1, 4), 1, 1, wait_s=60.0)
+        assert time.monotonic() - started < 1.0
+        started = time.monotonic()
+        with pytest.raises(PeerRefused, match="more than this peer's whole budget") as refused:
             await manager.open("c", (1, 4), 2, 2 * page + 1)  # 2 rows x 3 pages: never fits
+        assert not isinstance(refused.value, PeerFull)  # no later open of it could succeed
         assert time.monotonic() - started < 0.2  # refused up front, without waiting
         later = asyncio.create_task(manager.open("c", (1, 4), 1, page))
         await asyncio.sleep(0.1)

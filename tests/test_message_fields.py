@@ -138,7 +138,7 @@ def template(family: str, ctx: Ctx) -> dict:
     """The valid message of `family`, as a client (or, forwarded, a pushing peer) sends it."""
     t = ctx.target
     if family == "open":
-        return open_message(t, 1, SESSION_LENGTH)
+        return {**open_message(t, 1, SESSION_LENGTH), "wait_s": 5}
     if family == "info":
         return info_message()
     if family == "hello":
@@ -409,6 +409,10 @@ TABLES = {
         "max_length": {"range": {"zero": (0, error("'max_length'")),
                                  "over_limit": (MAX_LENGTH + 1, refused(f"session length {MAX_LENGTH + 1} ")),
                                  "huge": (2**24 + 1, error("'max_length'"))}},
+        # how long the client waits for KV room (seconds, a float too); nil or missing: the peer's own time
+        "wait_s": {"missing": SERVED, "wrong_type": {"float": SERVED, "nil": SERVED}, "range": {
+            "zero": (0, SERVED), "negative": (-1, error("'wait_s'")), "huge": (2**64 - 1, error("'wait_s'")),
+            "over_an_hour": (3601, error("'wait_s'"))}},
     },
     "info": {"type": _type_table("open", "step", "", answer=lambda kind: error("'type'", "takes 'info'")),
              "minor": _minor_table()},
