@@ -135,7 +135,10 @@ class HivemindTransport(StreamRequests):
         return transport
 
     async def fetch_blocks(self, model_id: str, num_blocks: int) -> dict[int, dict[str, records.BlockRecord]]:
+        from swarm.net import remember_addrs
+
         found = await records.fetch_blocks(self.dht, model_id, num_blocks)
+        remember_addrs(self.dht, found)
         for block_records in found.values():
             for peer, record in block_records.items():
                 self._direct[peer] = record.direct

@@ -147,6 +147,9 @@ class Rebalancer:
 
 async def read_snapshot(dht, model_id: str, num_blocks: int, timeout_s: float) -> SwarmSnapshot:
     """The model's block records as placement sees them (records.fetch_block_entries, then snapshot_of)."""
-    return snapshot_of(
-        await records.fetch_block_entries(dht, model_id, num_blocks, timeout_s=timeout_s), num_blocks
-    )
+    from swarm.net import remember_addrs
+
+    entries = await records.fetch_block_entries(dht, model_id, num_blocks, timeout_s=timeout_s)
+    remember_addrs(dht, {block: {peer: record for peer, (record, _) in found.items()}
+                         for block, found in entries.items()})
+    return snapshot_of(entries, num_blocks)

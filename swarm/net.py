@@ -11,10 +11,12 @@ import asyncio
 import contextvars
 import ctypes
 import logging
+import math
 import os
 import random
 import signal
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,6 +29,7 @@ from hivemind.utils.timed_storage import get_dht_time
 
 from swarm.admission import SwarmAuthorizer, SwarmP2P, check_swarm, serve_admission
 from swarm.errors import ConfigError
+from swarm.records import BlockRecord
 from swarm.swarmkey import SwarmKey
 
 logger = logging.getLogger(__name__)
@@ -167,6 +170,7 @@ async def start_dht(
             "is the bootstrap node running and reachable?"
         ) from None
     node.blacklist = CappedBlacklist(node.blacklist.base_time, node.blacklist.backoff)
+    _address_books[node] = AddressBook(node)
     if settings.routing_refresh_s:
         _refreshing[node] = asyncio.create_task(
             _refresh_routing(node, settings.routing_refresh_s, list(settings.initial_peers)),
@@ -234,6 +238,93 @@ async def _ping_initial_peers(node: DHTNode, initial_peers: list[str]) -> None:
     await asyncio.gather(*(ping(m) for m in initial_peers), return_exceptions=True)
 
 
+class AddressBook:
+    """Where this node's p2pd can dial the peers whose records it read, told to p2pd before the node's
+    first DHT call to each.
+
+    hivemind's DHT answers name the nearest nodes by peer id only; p2pd then looks the address up in its
+    own libp2p DHT, which fails ("routing: not found") for a peer that never connected to us. Peers are
+    contacted by others and learn addresses that way, but a client-mode node (a client, the health page)
+    is contacted by nobody: in the scale harness every call the monitor made to a node other than the
+    bootstrap failed so, its routing table stayed at that one node and it read only what the bootstrap
+    held (16-25 of 30 peers). Bounded: the `capacity` peers learned last; a peer is dialed again at most
+    every `redial_s` (a dial that fails costs a call up to the protocol's wait_timeout)."""
+
+    def __init__(self, node: DHTNode, capacity: int = 4096, redial_s: float = 60.0):
+        self.p2p = node.p2p
+        self.own_id = node.peer_id
+        self.timeout_s = node.protocol.wait_timeout
+        self.capacity = capacity
+        self.redial_s = redial_s
+        self._addrs: OrderedDict[PeerID, tuple[str, ...]] = OrderedDict()
+        self._dialed: dict[PeerID, float] = {}  # peer -> when last dialed (time.monotonic)
+        self._dialing: dict[PeerID, asyncio.Task] = {}
+        protocol = node.protocol
+        for name in ("call_ping", "call_store", "call_find"):
+            setattr(protocol, name, self._dialing_first(getattr(protocol, name)))
+
+    def learn(self, peer_id: str, addrs: Sequence[str]) -> None:
+        if not addrs:
+            return
+        try:
+            peer = PeerID.from_base58(peer_id)
+        except Exception:  # a record's key names its peer; a bad one was refused before it got here
+            return
+        if peer == self.own_id:  # our own records: p2pd would dial itself
+            return
+        addrs = tuple(addrs)
+        if self._addrs.get(peer) != addrs:
+            self._dialed.pop(peer, None)  # new addresses: dial them on the next call
+        self._addrs[peer] = addrs
+        self._addrs.move_to_end(peer)
+        while len(self._addrs) > self.capacity:
+            old, _ = self._addrs.popitem(last=False)
+            self._dialed.pop(old, None)
+
+    def known(self, peer: PeerID) -> tuple[str, ...] | None:
+        return self._addrs.get(peer)
+
+    def _dialing_first(self, call):
+        async def wrapped(peer: PeerID, *args, **kwargs):
+            await self.dial(peer)
+            return await call(peer, *args, **kwargs)
+
+        return wrapped
+
+    async def dial(self, peer: PeerID) -> None:
+        """Tell p2pd `peer`'s addresses (connect) unless done in the last redial_s or not known. Never
+        raises: the call that follows fails as it would have."""
+        task = self._dialing.get(peer)
+        if task is None:
+            addrs = self._addrs.get(peer)
+            if addrs is None or time.monotonic() - self._dialed.get(peer, -math.inf) < self.redial_s:
+                return
+            self._dialed[peer] = time.monotonic()
+            task = self._dialing[peer] = asyncio.create_task(self._connect(peer, addrs))
+            task.add_done_callback(lambda _: self._dialing.pop(peer, None))
+        await asyncio.shield(task)
+
+    async def _connect(self, peer: PeerID, addrs: tuple[str, ...]) -> None:
+        try:
+            await connect(self.p2p, peer, addrs, self.timeout_s)
+        except Exception as e:  # gone, or unreachable there: the DHT call reports it
+            logger.debug("dialing %s at %s: %r", peer, addrs, e)
+
+
+_address_books: dict[DHTNode, AddressBook] = {}  # each started node's book (stop_node drops it)
+
+
+def remember_addrs(node: DHTNode, found: dict[int, dict[str, BlockRecord]]) -> None:
+    """Give `node`'s address book the addresses of the records a read returned (records.fetch_blocks);
+    nothing for a node not started by start_dht."""
+    book = _address_books.get(node)
+    if book is None:
+        return
+    for block_records in found.values():
+        for peer_id, record in block_records.items():
+            book.learn(peer_id, record.addrs)
+
+
 async def visible_maddrs(p2p: P2P) -> list[str]:
     return [str(m) for m in await p2p.get_visible_maddrs()]
 
@@ -252,6 +343,7 @@ async def stop_node(dht: DHTNode | None, p2p: P2P | None, timeout_s: float = STO
     """Shut down a DHT node and its p2pd, each within `timeout_s`: hivemind waits forever for answers
     from a p2pd that already died (a signal sent to the whole process group), so a bounded wait it is."""
     refresh = _refreshing.pop(dht, None) if dht is not None else None
+    _address_books.pop(dht, None)
     if refresh is not None:
         refresh.cancel()
     for name, part in (("DHT node", dht), ("p2pd", p2p)):

@@ -783,9 +783,15 @@ async def fetch_models(
 
 
 async def _get_many(node: DHTNode, keys: list[str], timeout_s: float, latest: bool) -> dict[str, object]:
-    """{key: hivemind's ValueWithExpiration or None}; lookups unfinished after `timeout_s` are cancelled."""
+    """{key: hivemind's ValueWithExpiration or None}; lookups unfinished after `timeout_s` are cancelled.
+    latest=True reads each key from a quorum of its replicas (swarm.dhtread); False: hivemind's read,
+    which stops at the first node holding the key."""
     if not keys:
         return {}
+    if latest and hasattr(node, "protocol"):  # a hivemind DHTNode (swarm.lite's reader has its own search)
+        from swarm.dhtread import read_latest  # hivemind is imported only where a node exists
+
+        return await read_latest(node, keys, timeout_s)
     futures = await node.get_many(
         keys, sufficient_expiration_time=float("inf") if latest else None, return_futures=True
     )

@@ -10,8 +10,11 @@ import pytest
 
 from swarm.net import (
     MAX_SUSPENSION_S,
+    AddressBook,
     CappedBlacklist,
     NodeSettings,
+    _address_books,
+    remember_addrs,
     start_dht,
     start_p2p,
     stop_node,
@@ -101,3 +104,61 @@ def test_a_suspension_never_exceeds_the_cap():
     assert peer in blacklist
     until = blacklist.banned_peers.get(peer).expiration_time
     assert until - get_dht_time() <= MAX_SUSPENSION_S + 1
+
+
+async def _reaches_unannounced_node(learn: bool) -> tuple[bool, int]:
+    """A client's node calls a DHT node its p2pd never heard of (as when a lookup's answer names a peer
+    by id only). (whether the call is answered, how many dials the client's p2pd got) after the
+    client learned that node's addresses from a record (learn) or not."""
+    nodes = []
+    try:
+        nodes.append(await _node())
+        first = [str(a) for a in await visible_maddrs(nodes[0][0])]
+        nodes.append(await _node(first, client_mode=True))
+        nodes.append(await _node())  # joined to no one: nothing can tell the client where it is
+        client, stranger = nodes[1][1], nodes[2][1]
+        book = _address_books[client]
+        dials = []
+        real_connect = book._connect
+
+        async def counted(peer, addrs):
+            dials.append(peer)
+            await real_connect(peer, addrs)
+
+        book._connect = counted
+        if learn:
+            remember_addrs(client, {0: {stranger.peer_id.to_base58(): _Addressed(
+                tuple(str(a) for a in await visible_maddrs(stranger.p2p)))}})
+        answers = await asyncio.gather(*(client.protocol.call_find(stranger.peer_id, [client.node_id])
+                                         for _ in range(3)))
+        again = await client.protocol.call_ping(stranger.peer_id)  # within redial_s: no second dial
+        return all(a is not None for a in answers) and again is not None, len(dials)
+    finally:
+        for p2p, dht in reversed(nodes):
+            await stop_node(dht, p2p)
+
+
+class _Addressed:
+    def __init__(self, addrs):
+        self.addrs = addrs
+
+
+@pytest.mark.parametrize("learn, expected", [(True, (True, 1)), (False, (False, 0))])
+def test_a_client_node_reaches_a_node_whose_record_addresses_it_read(learn, expected):
+    assert asyncio.run(asyncio.wait_for(_reaches_unannounced_node(learn), 60)) == expected
+
+
+def test_the_address_book_keeps_only_the_latest_peers():
+    from hivemind.p2p import PeerID
+
+    class Node:  # what AddressBook reads of a DHTNode
+        p2p = peer_id = None
+        protocol = type("Protocol", (), {"wait_timeout": 1.0, "call_ping": None, "call_store": None,
+                                         "call_find": None})()
+
+    book = AddressBook(Node(), capacity=2)
+    ids = [PeerID(b"\x00\x01" + bytes([i]) * 32) for i in range(3)]
+    for peer in ids:
+        book.learn(peer.to_base58(), ["/ip4/10.0.0.1/tcp/1"])
+    book.learn(ids[0].to_base58(), [])  # no addresses: nothing learned, nothing forgotten
+    assert [book.known(p) for p in ids] == [None, ("/ip4/10.0.0.1/tcp/1",), ("/ip4/10.0.0.1/tcp/1",)]

@@ -520,6 +520,9 @@ class Scenario:
                                  "monitor": analysis.distribution(monitor_fetch, 3)},
             "find_rpcs_per_fetch": analysis.distribution([e["find_rpcs"] for e in reads], 1),
             "find_nodes_per_fetch": analysis.distribution([e["find_nodes"] for e in reads], 1),
+            # how long the monitor's answered find RPCs took: each read's median and slowest
+            "find_rpc_ms": {"median": analysis.distribution([m for e in reads if (m := e.get("find_ms_median"))], 1),
+                            "max": analysis.distribution([m for e in reads if (m := e.get("find_ms_max"))], 1)},
             # the monitor's DHT routing table and its suspended nodes at each of its reads
             "monitor_table_nodes": analysis.distribution([e.get("table", 0) for e in reads], 1),
             "monitor_suspended_nodes": analysis.distribution([e.get("suspended", 0) for e in reads], 1),

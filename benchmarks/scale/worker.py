@@ -162,17 +162,22 @@ class FindCounter:
         self.inner = node._call_find_with_blacklist
         self.calls = 0
         self.nodes: set = set()
+        self.answered_ms: list[float] = []  # how long each answered call took
         node._call_find_with_blacklist = self
 
     async def __call__(self, peer_id, queries):
         self.calls += 1
         self.nodes.add(peer_id)
-        return await self.inner(peer_id, queries)
+        started = time.monotonic()
+        response = await self.inner(peer_id, queries)
+        if response:
+            self.answered_ms.append((time.monotonic() - started) * 1000)
+        return response
 
-    def take(self) -> tuple[int, int]:
-        calls, nodes = self.calls, len(self.nodes)
-        self.calls, self.nodes = 0, set()
-        return calls, nodes
+    def take(self) -> tuple[int, int, list[float]]:
+        calls, nodes, answered = self.calls, len(self.nodes), sorted(self.answered_ms)
+        self.calls, self.nodes, self.answered_ms = 0, set(), []
+        return calls, nodes, answered
 
 
 async def monitor(args) -> None:
@@ -207,9 +212,11 @@ async def monitor(args) -> None:
                 finds.take()
                 snapshot = await transport.fetch_blocks(model_id, args.num_blocks)
                 fetch_s = time.monotonic() - started
-                calls, nodes = finds.take()
+                calls, nodes, answered = finds.take()
                 records = peer_records(snapshot)
-                emit("snapshot", fetch_s=fetch_s, find_rpcs=calls, find_nodes=nodes,
+                emit("snapshot", fetch_s=fetch_s, find_rpcs=calls, find_nodes=nodes, find_answered=len(answered),
+                     find_ms_median=round(answered[len(answered) // 2], 1) if answered else None,
+                     find_ms_max=round(answered[-1], 1) if answered else None,
                      table=len(transport.dht.protocol.routing_table.uid_to_peer_id),
                      suspended=len(transport.dht.blacklist.banned_peers),
                      peers={p: [r.start, r.end, r.state] for p, r in records.items()})

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -71,6 +72,10 @@ class Crawler:
                 for model_id, entries in by_model.items()
             )
         )
+        net = sys.modules.get("swarm.net")  # loaded on the hivemind backend only
+        if net is not None:
+            for blocks in fetched:
+                net.remember_addrs(self.dht, blocks)  # so the next crawl reaches the nodes these peers run
         models = {
             model_id: ModelSnapshot(index=tuple(entries), blocks=blocks)
             for (model_id, entries), blocks in zip(by_model.items(), fetched, strict=True)
