@@ -63,6 +63,11 @@ class SwarmSnapshot:
     def without(self, peer_id: str) -> SwarmSnapshot:
         return SwarmSnapshot(self.num_blocks, tuple(p for p in self.peers if p.peer_id != peer_id))
 
+    def union(self, newer: SwarmSnapshot) -> SwarmSnapshot:
+        """Every peer of either read, as `newer` saw it where it saw it (a read may miss records)."""
+        views = {p.peer_id: p for p in self.peers} | {p.peer_id: p for p in newer.peers}
+        return SwarmSnapshot(newer.num_blocks, tuple(views[k] for k in sorted(views)))
+
 
 def peer_view(peer_id: str, record: BlockRecord) -> PeerView:
     span = record.span

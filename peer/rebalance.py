@@ -9,8 +9,9 @@ Joining (`place_on_join`): choose the weakest window, announce `joining` there a
 
 Rebalancing (`Rebalancer.run`): every period (randomized +-25% so that peers started together drift
 apart), if the peer is online, decide (placement.rebalance_target); if it should move, wait a random
-delay in [0, delay_s], read again and decide again (another peer may have moved meanwhile), and only then
-move (`move(target)`: drain at a step boundary, load, announce; see PeerServer.move_to). A failed read is
+delay in [0, delay_s], read again and decide again on both reads together (another peer may have moved
+meanwhile; and a DHT read may miss some records, which makes a block look weaker than it is: a peer seen
+by either read counts, as the later read saw it), and only then move (`move(target)`: drain at a step boundary, load, announce; see PeerServer.move_to). A failed read is
 logged and the check skipped; a failed move ends the loop through `on_fatal`.
 """
 
@@ -110,11 +111,12 @@ class Rebalancer:
 
     async def check(self) -> Span | None:
         """One check: the span to move to now (after the randomized delay and the re-check), or None."""
-        first = self._decide(await self._read())
+        seen = await self._read()
+        first = self._decide(seen)
         if first is None or first.target is None:
             return None
         await self._sleep(self._rng.uniform(0, self.delay_s))
-        second = self._decide(await self._read())
+        second = self._decide(seen.union(await self._read()))
         if second is None or second.target is None:
             logger.info(
                 "rebalance: moving to %s no longer helps after the delay (%s)",

@@ -10,13 +10,22 @@ client's route waited on it, and the many sequential calls loaded every node.
 keys' questions to one node in one call_find and every node at once. Each answer names the nodes its
 sender knows nearest to the key; nearer ones are asked as they turn up (what a Kademlia lookup does, but
 with no limit on calls in flight). A key is done once `quorum` of its `width` nearest known nodes have
-answered (a slow one among them is not waited for), or once every one of them answered or failed; the read ends when every key is done or at `timeout_s`, with what came. Answers merge
+answered with records for it (a slow one among them is not waited for; a node that holds nothing for
+the key does not count), or once every one of them answered or failed; the read ends when every key is done or at `timeout_s`, with what came. Answers merge
 as hivemind merges them (each subkey's latest expiration wins; records are validated and stripped by
 the node's record validator as hivemind's own reads do), so callers see exactly what DHTNode.get_many
 returns for latest=True.
 
+Only nodes this node's p2pd can dial are asked: those in its routing table (they answered before), those
+it is connected to, and those whose addresses its address book holds (swarm.net.AddressBook, from the
+records it read). A DHT answer names nodes by peer id only, and a call to one p2pd has no address for
+fails ("routing: not found") and drops the caller's table entry for it; a client-mode node, which nobody
+contacts, asked such nodes wholesale and emptied its routing table in the scale harness, after which its
+reads found nothing at all.
+
 Where it differs from hivemind's read: it skips the nodes hivemind's blacklist suspends, as hivemind
-does, but puts nothing into any cache (readers here always want fresh records; see swarm.net's
+does (asking them anyway emptied a monitor's routing table in the scale harness: every failed call
+drops the node from the table), but puts nothing into any cache (readers here always want fresh records; see swarm.net's
 cache_refresh_before_expiry). Tied to hivemind 1.1.12's DHTNode internals (pinned in pyproject.toml).
 """
 
@@ -43,6 +52,7 @@ class _Key:
     state: _SearchState
     asked: set[DHTID] = field(default_factory=set)
     answered: set[DHTID] = field(default_factory=set)
+    holders: set[DHTID] = field(default_factory=set)  # answered with a value for the key
     failed: set[DHTID] = field(default_factory=set)
 
 
@@ -76,6 +86,7 @@ async def read_latest(
         k.state.add_candidate(protocol.storage.get(key_id), source_node_id=node.node_id)
         known.update(protocol.routing_table.get_nearest_neighbors(key_id, width, exclude=node.node_id))
     known.pop(node.node_id, None)
+    reachable = await _dialable(node)
     in_flight: dict[asyncio.Task, tuple[DHTID, list[DHTID]]] = {}
 
     def nearest(k: _Key) -> list[DHTID]:
@@ -84,8 +95,8 @@ async def read_latest(
 
     def done(k: _Key) -> bool:
         near = nearest(k)
-        answered = sum(n in k.answered for n in near)
-        return answered >= quorum or answered == len(near)
+        return (sum(n in k.holders for n in near) >= quorum
+                or all(n in k.answered for n in near))
 
     def ask_more() -> None:
         plan: dict[DHTID, list[DHTID]] = {}
@@ -123,9 +134,12 @@ async def read_latest(
                     if k is None:
                         continue
                     k.answered.add(n)
+                    if value is not None:
+                        k.holders.add(n)
                     k.state.add_candidate(value, source_node_id=n)
                     neighbours.pop(node.node_id, None)
-                    known.update(neighbours)
+                    known.update((n, p) for n, p in neighbours.items()
+                                 if p in reachable or p in protocol.routing_table)
             ask_more()
     finally:
         for task in in_flight:
@@ -139,3 +153,16 @@ async def read_latest(
         k.state.finish_search()
         results[by_id[key_id]] = k.state.future.result()
     return results
+
+
+async def _dialable(node: DHTNode) -> set[PeerID]:
+    """Peers p2pd has addresses for: those it is connected to and those in the node's address book."""
+    from swarm.net import address_book
+
+    try:
+        connected = {info.peer_id for info in await node.p2p.list_peers()}
+    except Exception as e:  # p2pd busy or gone: the routing table alone, then
+        logger.debug("listing p2pd's peers: %r", e)
+        connected = set()
+    book = address_book(node)
+    return connected | (book.peers() if book is not None else set())

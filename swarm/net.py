@@ -284,6 +284,9 @@ class AddressBook:
     def known(self, peer: PeerID) -> tuple[str, ...] | None:
         return self._addrs.get(peer)
 
+    def peers(self) -> set[PeerID]:
+        return set(self._addrs)
+
     def _dialing_first(self, call):
         async def wrapped(peer: PeerID, *args, **kwargs):
             await self.dial(peer)
@@ -312,6 +315,11 @@ class AddressBook:
 
 
 _address_books: dict[DHTNode, AddressBook] = {}  # each started node's book (stop_node drops it)
+
+
+def address_book(node: DHTNode) -> AddressBook | None:
+    """`node`'s address book (None for a node not started by start_dht)."""
+    return _address_books.get(node)
 
 
 def remember_addrs(node: DHTNode, found: dict[int, dict[str, BlockRecord]]) -> None:

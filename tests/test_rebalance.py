@@ -219,6 +219,29 @@ def test_a_move_made_by_another_peer_during_the_delay_cancels_this_one():
     asyncio.run(scenario())
 
 
+def test_records_a_read_missed_do_not_make_a_move():
+    """a, b, c on 0:2 and d, e on 2:4: no move helps. The first read misses d and the second e (a DHT read
+    may come back without some records); each alone says 2:4 is weak, the two together say it is not."""
+    async def scenario():
+        clock = VirtualClock()
+        swarm = FakeSwarm(clock, 4, view("a", 0, 2), view("b", 0, 2), view("c", 0, 2), view("d", 2, 4),
+                          view("e", 2, 4))
+        missed = iter(["d", "e"])
+
+        async def partial_read() -> SwarmSnapshot:
+            return (await swarm.read()).without(next(missed))
+
+        r = swarm.rebalancer("a", seed=1)
+        r._read = partial_read
+        checking = asyncio.create_task(r.check())
+        await _settle()
+        assert swarm.reads == 1 and clock.sleeps  # the first read alone said to move
+        await clock.advance(10.0)
+        assert await checking is None and swarm.reads == 2
+
+    asyncio.run(scenario())
+
+
 def test_a_peer_that_is_not_online_does_not_move():
     clock = VirtualClock()
     swarm = FakeSwarm(clock, 4, view("a", 0, 2, JOINING), view("b", 0, 2), view("c", 0, 2), view("d", 2, 4))

@@ -159,11 +159,11 @@ class FindCounter:
     """Counts the DHT find RPCs a node makes (benchmark instrumentation of hivemind's DHTNode)."""
 
     def __init__(self, node):
-        self.inner = node._call_find_with_blacklist
+        self.inner = node.protocol.call_find
         self.calls = 0
         self.nodes: set = set()
         self.answered_ms: list[float] = []  # how long each answered call took
-        node._call_find_with_blacklist = self
+        node.protocol.call_find = self
 
     async def __call__(self, peer_id, queries):
         self.calls += 1
