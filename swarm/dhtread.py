@@ -157,12 +157,10 @@ async def read_latest(
 
 async def _dialable(node: DHTNode) -> set[PeerID]:
     """Peers p2pd has addresses for: those it is connected to and those in the node's address book."""
-    from swarm.net import address_book
-
     try:
         connected = {info.peer_id for info in await node.p2p.list_peers()}
     except Exception as e:  # p2pd busy or gone: the routing table alone, then
         logger.debug("listing p2pd's peers: %r", e)
         connected = set()
-    book = address_book(node)
+    book = getattr(node, "address_book", None)  # swarm.net.AddressBook, on nodes started by start_dht
     return connected | (book.peers() if book is not None else set())

@@ -170,7 +170,8 @@ async def start_dht(
             "is the bootstrap node running and reachable?"
         ) from None
     node.blacklist = CappedBlacklist(node.blacklist.base_time, node.blacklist.backoff)
-    _address_books[node] = AddressBook(node)
+    # swarm.dhtread asks only nodes p2pd can dial, this book's among them (an attribute: no import cycle)
+    node.address_book = _address_books[node] = AddressBook(node)
     if settings.routing_refresh_s:
         _refreshing[node] = asyncio.create_task(
             _refresh_routing(node, settings.routing_refresh_s, list(settings.initial_peers)),
@@ -315,11 +316,6 @@ class AddressBook:
 
 
 _address_books: dict[DHTNode, AddressBook] = {}  # each started node's book (stop_node drops it)
-
-
-def address_book(node: DHTNode) -> AddressBook | None:
-    """`node`'s address book (None for a node not started by start_dht)."""
-    return _address_books.get(node)
 
 
 def remember_addrs(node: DHTNode, found: dict[int, dict[str, BlockRecord]]) -> None:

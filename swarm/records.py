@@ -710,6 +710,7 @@ async def fetch_blocks(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     latest: bool = True,
     blocks: range | None = None,
+    quorum: bool = True,
 ) -> dict[int, dict[str, BlockRecord]]:
     """Every block's valid records, {block: {peer_id: record}} (an empty dict where nobody serves it);
     `blocks`: only these blocks (default: all `num_blocks`).
@@ -719,7 +720,8 @@ async def fetch_blocks(
     within `timeout_s` come back empty. latest=True asks every replica (slower, complete); False stops
     at the first node that has the key.
     """
-    entries = await fetch_block_entries(node, model_id, num_blocks, timeout_s=timeout_s, latest=latest, blocks=blocks)
+    entries = await fetch_block_entries(node, model_id, num_blocks, timeout_s=timeout_s, latest=latest, blocks=blocks,
+                                        quorum=quorum)
     return {block: {peer_id: record for peer_id, (record, _) in found.items()} for block, found in entries.items()}
 
 
@@ -731,6 +733,7 @@ async def fetch_block_entries(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     latest: bool = True,
     blocks: range | None = None,
+    quorum: bool = True,
 ) -> dict[int, dict[str, tuple[BlockRecord, float]]]:
     """As fetch_blocks, with each record's DHT expiration time: {block: {peer_id: (record, expiration)}}.
 
@@ -740,7 +743,7 @@ async def fetch_block_entries(
     check_model_id(model_id)
     blocks = range(num_blocks) if blocks is None else blocks
     keys = {block_key(model_id, block): block for block in blocks}
-    found = await _get_many(node, list(keys), timeout_s, latest)
+    found = await _get_many(node, list(keys), timeout_s, latest, quorum)
     return drop_stale_spans({
         block: {
             peer_id: (record, expiration)
@@ -782,13 +785,15 @@ async def fetch_models(
     return sorted(records, key=lambda r: (r.model_id, r.num_blocks, r.config_hash, r.repository))
 
 
-async def _get_many(node: DHTNode, keys: list[str], timeout_s: float, latest: bool) -> dict[str, object]:
+async def _get_many(node: DHTNode, keys: list[str], timeout_s: float, latest: bool,
+                    quorum: bool = True) -> dict[str, object]:
     """{key: hivemind's ValueWithExpiration or None}; lookups unfinished after `timeout_s` are cancelled.
-    latest=True reads each key from a quorum of its replicas (swarm.dhtread); False: hivemind's read,
-    which stops at the first node holding the key."""
+    latest=True reads each key from a quorum of its replicas (swarm.dhtread) unless `quorum` is False
+    (then hivemind's traversal of the whole beam); latest=False: hivemind's read, which stops at the
+    first node holding the key."""
     if not keys:
         return {}
-    if latest and hasattr(node, "protocol"):  # a hivemind DHTNode (swarm.lite's reader has its own search)
+    if latest and quorum and hasattr(node, "protocol"):  # a hivemind DHTNode (swarm.lite's reader has its own search)
         from swarm.dhtread import read_latest  # hivemind is imported only where a node exists
 
         return await read_latest(node, keys, timeout_s)
