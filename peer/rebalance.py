@@ -11,8 +11,9 @@ Rebalancing (`Rebalancer.run`): every period (randomized +-25% so that peers sta
 apart), if the peer is online, decide (placement.rebalance_target); if it should move, wait a random
 delay in [0, delay_s], read again and decide again on both reads together (another peer may have moved
 meanwhile; and a DHT read may miss some records, which makes a block look weaker than it is: a peer seen
-by either read counts, as the later read saw it), and only then move (`move(target)`: drain at a step boundary, load, announce; see PeerServer.move_to). A failed read is
-logged and the check skipped; a failed move ends the loop through `on_fatal`.
+by either read counts, as the later read saw it), and only then move (`move(target)`: drain at a step
+boundary, load, announce; see PeerServer.move_to). A failed read is logged and the check skipped; a
+failed move ends the loop through `on_fatal`.
 """
 
 from __future__ import annotations

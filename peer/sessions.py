@@ -13,8 +13,9 @@ max_new_tokens, so the count is tight).
 
 A session whose worst case exceeds the whole budget is refused at once; one that fits a budget others
 have committed waits up to `admission_timeout_s` (or less, if the client asks: see client.session's
-opening of a route) for sessions to close, then is refused with PeerFull naming the budget. Never evicts a running session. Every session is released exactly once (close on
-stream end, crash of the stream, or idle expiry). `wait_empty()` lets a draining peer wait for its last
+opening of a route) for sessions to close, then is refused with PeerFull naming the budget. Never evicts
+a running session. Every session is released exactly once (close on stream end, crash of the stream, or
+idle expiry). `wait_empty()` lets a draining peer wait for its last
 session; open/close run on the event loop thread.
 """
 

@@ -138,8 +138,8 @@ async def read_latest(
                         k.holders.add(n)
                     k.state.add_candidate(value, source_node_id=n)
                     neighbours.pop(node.node_id, None)
-                    known.update((n, p) for n, p in neighbours.items()
-                                 if p in reachable or p in protocol.routing_table)
+                    known.update((node_id, peer) for node_id, peer in neighbours.items()
+                                 if peer in reachable or peer in protocol.routing_table)
             ask_more()
     finally:
         for task in in_flight:

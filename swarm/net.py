@@ -170,8 +170,9 @@ async def start_dht(
             "is the bootstrap node running and reachable?"
         ) from None
     node.blacklist = CappedBlacklist(node.blacklist.base_time, node.blacklist.backoff)
-    # swarm.dhtread asks only nodes p2pd can dial, this book's among them (an attribute: no import cycle)
-    node.address_book = _address_books[node] = AddressBook(node)
+    # the node carries its book: remember_addrs fills it, swarm.dhtread asks the nodes in it (without
+    # importing this module)
+    node.address_book = AddressBook(node)
     if settings.routing_refresh_s:
         _refreshing[node] = asyncio.create_task(
             _refresh_routing(node, settings.routing_refresh_s, list(settings.initial_peers)),
@@ -315,13 +316,10 @@ class AddressBook:
             logger.debug("dialing %s at %s: %r", peer, addrs, e)
 
 
-_address_books: dict[DHTNode, AddressBook] = {}  # each started node's book (stop_node drops it)
-
-
 def remember_addrs(node: DHTNode, found: dict[int, dict[str, BlockRecord]]) -> None:
     """Give `node`'s address book the addresses of the records a read returned (records.fetch_blocks);
     nothing for a node not started by start_dht."""
-    book = _address_books.get(node)
+    book = getattr(node, "address_book", None)
     if book is None:
         return
     for block_records in found.values():
@@ -347,7 +345,6 @@ async def stop_node(dht: DHTNode | None, p2p: P2P | None, timeout_s: float = STO
     """Shut down a DHT node and its p2pd, each within `timeout_s`: hivemind waits forever for answers
     from a p2pd that already died (a signal sent to the whole process group), so a bounded wait it is."""
     refresh = _refreshing.pop(dht, None) if dht is not None else None
-    _address_books.pop(dht, None)
     if refresh is not None:
         refresh.cancel()
     for name, part in (("DHT node", dht), ("p2pd", p2p)):

@@ -717,8 +717,9 @@ async def fetch_blocks(
 
     Entries that fail decoding, name another model/block than their key, or whose subkey peer id
     does not match its owner key are dropped (logged at debug). Keys whose lookup does not finish
-    within `timeout_s` come back empty. latest=True asks every replica (slower, complete); False stops
-    at the first node that has the key.
+    within `timeout_s` come back empty. latest=True merges what the nodes nearest each key hold (a quorum
+    read, swarm.dhtread; `quorum=False`: hivemind's traversal of the whole beam); False stops at the first
+    node that has the key.
     """
     entries = await fetch_block_entries(node, model_id, num_blocks, timeout_s=timeout_s, latest=latest, blocks=blocks,
                                         quorum=quorum)

@@ -13,7 +13,6 @@ from swarm.net import (
     AddressBook,
     CappedBlacklist,
     NodeSettings,
-    _address_books,
     remember_addrs,
     start_dht,
     start_p2p,
@@ -117,7 +116,7 @@ async def _reaches_unannounced_node(learn: bool) -> tuple[bool, int]:
         nodes.append(await _node(first, client_mode=True))
         nodes.append(await _node())  # joined to no one: nothing can tell the client where it is
         client, stranger = nodes[1][1], nodes[2][1]
-        book = _address_books[client]
+        book = client.address_book
         dials = []
         real_connect = book._connect
 
