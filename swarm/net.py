@@ -170,8 +170,7 @@ async def start_dht(
             "is the bootstrap node running and reachable?"
         ) from None
     node.blacklist = CappedBlacklist(node.blacklist.base_time, node.blacklist.backoff)
-    # the node carries its book: remember_addrs fills it, swarm.dhtread asks the nodes in it (without
-    # importing this module)
+    # the node carries its book (remember_addrs fills it through the attribute)
     node.address_book = AddressBook(node)
     if settings.routing_refresh_s:
         _refreshing[node] = asyncio.create_task(
@@ -245,11 +244,10 @@ class AddressBook:
     first DHT call to each.
 
     hivemind's DHT answers name the nearest nodes by peer id only; p2pd then looks the address up in its
-    own libp2p DHT, which fails ("routing: not found") for a peer that never connected to us. Peers are
-    contacted by others and learn addresses that way, but a client-mode node (a client, the health page)
-    is contacted by nobody: in the scale harness every call the monitor made to a node other than the
-    bootstrap failed so, its routing table stayed at that one node and it read only what the bootstrap
-    held (16-25 of 30 peers). Bounded: the `capacity` peers learned last; a peer is dialed again at most
+    own libp2p DHT: a lookup before the call, and no call at all where that DHT does not know the peer or
+    dropped its addresses (libp2p drops those it counts as unroutable, such as 198.18.0.0/15, where the
+    scale harness once ran: every call its monitor made to a node other than the bootstrap failed with
+    "routing: not found"). Bounded: the `capacity` peers learned last; a peer is dialed again at most
     every `redial_s` (a dial that fails costs a call up to the protocol's wait_timeout)."""
 
     def __init__(self, node: DHTNode, capacity: int = 4096, redial_s: float = 60.0):
@@ -285,9 +283,6 @@ class AddressBook:
 
     def known(self, peer: PeerID) -> tuple[str, ...] | None:
         return self._addrs.get(peer)
-
-    def peers(self) -> set[PeerID]:
-        return set(self._addrs)
 
     def _dialing_first(self, call):
         async def wrapped(peer: PeerID, *args, **kwargs):
