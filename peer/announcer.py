@@ -72,7 +72,11 @@ class Announcer:
             for i, block in enumerate(range(s.span.start, s.span.end))
         ]
         stored = await records.announce_records(s.dht, s.identity, per_block, ttl)
-        if not all(stored):
+        if not any(stored):  # nobody holds this peer's records: clients stop seeing it once the old ones expire
+            logger.warning("announce %s: no DHT node confirmed any of the %d block records (routing table %d nodes,"
+                           " %d suspended)", state, len(stored), len(s.dht.protocol.routing_table.uid_to_peer_id),
+                           len(s.dht.blacklist.banned_peers))
+        elif not all(stored):
             logger.info("announce %s: %d of %d block records confirmed", state, sum(stored), len(stored))
         model = records.ModelRecord(
             model_id=s.model_id, num_blocks=s.model_config.num_hidden_layers,

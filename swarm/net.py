@@ -83,7 +83,10 @@ class NodeSettings:
     routing_refresh_s: float | None = 30.0
 
 
-BOOTSTRAP_ATTEMPTS = 3  # p2pd starts, each trying the initial peers once
+# p2pd tries its initial peers once per start, and gives up on one after 5 s when its address is private
+# (go-libp2p's local dial timeout; 15 s for a public one): start it again, within the start-up time
+BOOTSTRAP_ATTEMPTS = 5
+BOOTSTRAP_RETRY_S = 1.0
 
 
 async def start_p2p(settings: NodeSettings) -> P2P:
@@ -113,13 +116,14 @@ async def start_p2p(settings: NodeSettings) -> P2P:
                 p2p = await SwarmP2P.create(**kwargs)
                 break
             except Exception as e:  # p2pd reports failures as bare exceptions with its own text
-                # p2pd gives up on its initial peers after one try: a busy bootstrap node or a lossy link
-                # deserves another (the scale harness's clients met it on a loaded machine)
-                if "bootstrap peers" not in str(e) or attempt == BOOTSTRAP_ATTEMPTS or time.monotonic() > deadline:
+                # a busy bootstrap node or a lossy link deserves another try (the scale harness's clients
+                # met it on a loaded machine)
+                if ("bootstrap peers" not in str(e) or attempt == BOOTSTRAP_ATTEMPTS
+                        or time.monotonic() + BOOTSTRAP_RETRY_S > deadline):
                     raise ConfigError(_explain_p2p_failure(e, settings)) from e
-                logger.warning("could not reach the initial peers (try %d of %d); trying again",
-                               attempt, BOOTSTRAP_ATTEMPTS)
-                await asyncio.sleep(attempt)
+                logger.warning("could not reach the initial peers (try %d of %d); trying again", attempt,
+                               BOOTSTRAP_ATTEMPTS)
+                await asyncio.sleep(BOOTSTRAP_RETRY_S)
     finally:
         _die_with_us.reset(token)
     p2p.swarm_key = settings.swarm_key
