@@ -3,7 +3,7 @@
 Layout of one run (every name starts with `swscale-<tag>-`, so `cleanup(tag)` finds what a crashed run
 left, and two runs with different tags never touch each other's namespaces):
 
-    namespace swscale-<tag>-hub   bridge `swsbr` 10.18.0.1/15, plus one relay address per host (/32)
+    namespace swscale-<tag>-hub   bridge `swsbr` 11.18.0.1/15, plus one relay address per host (/32)
     namespace swscale-<tag>-hN    veth `swsNa` with the host's real address; its twin `swsNb` is a port
                                   of the bridge (in the hub)
 
@@ -13,10 +13,14 @@ and the hub has IP forwarding off (a fresh namespace's default). Every bridge po
 addresses. So the only path between two hosts is the relay process in the hub (benchmarks.scale.relay),
 which applies the injected delays: nothing bypasses it, whatever addresses libp2p learns.
 
-Addresses come from 10.18.0.0/15, a private range as on a home or office network: host i's real address
-is 10.18.0.0 + 10 + i, its relay address 10.19.0.0 + 10 + i (both inside the /15, so on-link). Not
-198.18.0.0/15 (RFC 2544's benchmark range), which libp2p counts as unroutable: p2pd's own DHT drops such
-addresses, so it could never find a peer by id and dialed only peers whose addresses it was given.
+Addresses come from 11.18.0.0/15: host i's real address is 11.18.0.0 + 10 + i, its relay address
+11.19.0.0 + 10 + i (both inside the /15, so on-link). They stand for the public addresses of hosts on the
+internet, which is what libp2p must see to behave as it would there; they are never routed outside the
+harness's namespaces (the hub has no uplink and forwards nothing). Two ranges that looked more natural
+were tried and each changed libp2p's behaviour: 198.18.0.0/15 (RFC 2544's benchmark range) counts as
+unroutable, so p2pd's own DHT dropped every address and could find no peer by id; 10.18.0.0/15 counts as
+private, and go-libp2p gives up dialing a private address after 5 s instead of 15 s, which a host on
+this overloaded 2-core machine often needs: clients failed to reach the bootstrap node and tables emptied.
 
 Interruption: `start_reaper(tag)` starts a detached process that waits for the harness to exit (a pidfd,
 so a reused pid cannot fool it) and then runs `cleanup(tag)`: even a kill -9 of the harness leaves
@@ -38,10 +42,10 @@ from dataclasses import dataclass
 
 PREFIX = "swscale"
 BRIDGE = "swsbr"
-HUB_ADDR = "10.18.0.1"
+HUB_ADDR = "11.18.0.1"
 _BASE = 10
-_REAL_NET = ipaddress.IPv4Address("10.18.0.0")
-_RELAY_NET = ipaddress.IPv4Address("10.19.0.0")
+_REAL_NET = ipaddress.IPv4Address("11.18.0.0")
+_RELAY_NET = ipaddress.IPv4Address("11.19.0.0")
 MAX_HOSTS = 60000
 IP_TIMEOUT_S = 30
 
