@@ -174,7 +174,8 @@ async def start_dht(
             "is the bootstrap node running and reachable?"
         ) from None
     node.blacklist = CappedBlacklist(node.blacklist.base_time, node.blacklist.backoff)
-    # the node carries its book (remember_addrs fills it through the attribute)
+    # the node carries its book: remember_addrs fills it, swarm.dhtread asks the nodes in it (without
+    # importing this module)
     node.address_book = AddressBook(node)
     if settings.routing_refresh_s:
         _refreshing[node] = asyncio.create_task(
@@ -287,6 +288,9 @@ class AddressBook:
 
     def known(self, peer: PeerID) -> tuple[str, ...] | None:
         return self._addrs.get(peer)
+
+    def peers(self) -> set[PeerID]:
+        return set(self._addrs)
 
     def _dialing_first(self, call):
         async def wrapped(peer: PeerID, *args, **kwargs):
