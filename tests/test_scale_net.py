@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -17,10 +18,21 @@ from benchmarks.scale.links import make_links
 from benchmarks.scale.procs import python
 from benchmarks.scale.run import Harness
 
+
+
+def _can_make_namespaces() -> bool:
+    if sys.platform != "linux" or os.geteuid() != 0 or not (shutil.which("ip") and shutil.which("bridge")):
+        return False
+    probe = f"swscale-probe{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True).returncode == 0
+    if made:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return made
+
+
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None or sys.platform != "linux",
-                       reason="network namespaces need root and iproute2 on Linux"),
+    pytest.mark.skipif(not _can_make_namespaces(), reason="needs root, iproute2 and network namespaces (Linux)"),
 ]
 
 PORT = 31000
