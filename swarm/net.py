@@ -83,8 +83,8 @@ class NodeSettings:
     routing_refresh_s: float | None = 30.0
 
 
-# p2pd tries its initial peers once per start, and gives up on one after 5 s when its address is private
-# (go-libp2p's local dial timeout; 15 s for a public one): start it again, within the start-up time
+# p2pd tries its initial peers once per start (a try took ~6 s to fail against a busy bootstrap node on
+# private addresses in the scale harness): start it again, within the start-up time
 BOOTSTRAP_ATTEMPTS = 5
 BOOTSTRAP_RETRY_S = 1.0
 

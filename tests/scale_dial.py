@@ -1,7 +1,9 @@
 """A process for tests/test_scale_net.py, run inside one of the scale harness's hosts.
 
-    python tests/scale_dial.py listen HOST_INDEX REAL RELAY PORT [INITIAL_PEER]  serves "ping", prints `id PEER_ID`
-    python tests/scale_dial.py dial INITIAL_PEER PEER_ID                         prints `answered` or `failed ERROR`
+    python tests/scale_dial.py listen REAL RELAY PORT [INITIAL_PEER]  serves a ping, prints `id PEER_ID MADDR`
+    python tests/scale_dial.py dial INITIAL_PEER PEER_ID              pings it (10 tries, 1 s apart), printing
+                                                                      `error ...` per failed try, then
+                                                                      `answered attempt N after T s` or `failed`
 
 The dialing process starts as a client does (client mode: it listens on loopback only, so nobody dials
 it) and knows the listener by peer id only, as when a DHT answer names a node: p2pd must find the address.
@@ -52,7 +54,7 @@ async def dial(initial: str, target: str) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "listen":
-        _, _, _, real, relay, port, *initial = sys.argv
+        _, _, real, relay, port, *initial = sys.argv
         asyncio.run(listen(real, relay, int(port), initial))
     else:
         asyncio.run(dial(sys.argv[2], sys.argv[3]))

@@ -13,11 +13,9 @@ import sys
 
 import pytest
 
-from benchmarks.scale import netns
 from benchmarks.scale.links import make_links
 from benchmarks.scale.procs import python
 from benchmarks.scale.run import Harness
-
 
 
 def _can_make_namespaces() -> bool:
@@ -45,10 +43,10 @@ def test_a_client_reaches_a_peer_it_knows_by_id_only_through_the_relay(tmp_path)
     try:
         harness.up([0, 1], {PORT: "p2p"})
         boot, peer, client = harness.hosts
-        first = harness.start("boot", boot.netns, python(HELPER, "listen", "0", boot.real_addr, boot.relay_addr,
+        first = harness.start("boot", boot.netns, python(HELPER, "listen", boot.real_addr, boot.relay_addr,
                                                          str(PORT)))
         boot_maddr = first.wait_line("id ", 60)[1].split()[2]
-        second = harness.start("peer", peer.netns, python(HELPER, "listen", "1", peer.real_addr, peer.relay_addr,
+        second = harness.start("peer", peer.netns, python(HELPER, "listen", peer.real_addr, peer.relay_addr,
                                                           str(PORT), boot_maddr))
         peer_id = second.wait_line("id ", 60)[1].split()[1]
         dialer = harness.start("client", client.netns, python(HELPER, "dial", boot_maddr, peer_id))
@@ -57,4 +55,4 @@ def test_a_client_reaches_a_peer_it_knows_by_id_only_through_the_relay(tmp_path)
         assert line.startswith("answered"), "\n".join(text for _, text in dialer.lines)
     finally:
         done = harness.close()
-    assert done["left"] == [] and not netns.ours(tag)
+    assert done["left"] == []  # cleanup's own check of what is left with this tag

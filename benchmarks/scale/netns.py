@@ -19,8 +19,8 @@ internet, which is what libp2p must see to behave as it would there; they are ne
 harness's namespaces (the hub has no uplink and forwards nothing). Two ranges that looked more natural
 were tried and each changed libp2p's behaviour: 198.18.0.0/15 (RFC 2544's benchmark range) counts as
 unroutable, so p2pd's own DHT dropped every address and could find no peer by id; 10.18.0.0/15 counts as
-private, and go-libp2p gives up dialing a private address after 5 s instead of 15 s, which a host on
-this overloaded 2-core machine often needs: clients failed to reach the bootstrap node and tables emptied.
+private, and there a client's p2pd gave up on the busy bootstrap node after ~6 s a try (go-libp2p
+likely uses a shorter dial timeout for private addresses), so clients failed to start.
 
 Interruption: `start_reaper(tag)` starts a detached process that waits for the harness to exit (a pidfd,
 so a reused pid cannot fool it) and then runs `cleanup(tag)`: even a kill -9 of the harness leaves
