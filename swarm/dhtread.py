@@ -16,14 +16,15 @@ as hivemind merges them (each subkey's latest expiration wins; records are valid
 the node's record validator as hivemind's own reads do), so callers see exactly what DHTNode.get_many
 returns for latest=True.
 
-Only nodes this node's p2pd can dial at once are asked: those in its routing table (they answered
+Nodes this node's p2pd can dial at once are asked first: those in its routing table (they answered
 before), those it is connected to, and those whose addresses its address book holds (swarm.net.AddressBook,
-from the records it read). A DHT answer names nodes by peer id only. The filter was first written because
-p2pd found no peer by id at all in the scale harness (its addresses were in 198.18.0.0/15, which libp2p
-drops as unroutable: benchmarks/scale/netns.py); with routable addresses p2pd finds them, but a read that
-asked every node the answers named still emptied a client-mode node's routing table under load in two
-30-peer runs (each failed call drops the node, and the table did not refill): not understood yet, so the
-filter stays.
+from the records it read). A DHT answer names nodes by peer id only, and p2pd must look the others up in
+its own DHT before the call. Asking every node the answers named emptied a client-mode node's routing
+table under load in two 30-peer runs of the scale harness (each failed call drops the node; not
+understood yet). But a key whose dialable nodes give fewer than a quorum of answers with records is not
+done: the others named for it are asked too (the nearest `width`, as any node). Without that, a reader
+whose table had thinned out (a client, which nobody contacts) concluded "no record" for keys whose
+holders it had only heard of.
 
 Where it differs from hivemind's read: it skips the nodes hivemind's blacklist suspends, as hivemind
 does (asking them anyway emptied a monitor's routing table in the scale harness: every failed call
@@ -56,6 +57,8 @@ class _Key:
     answered: set[DHTID] = field(default_factory=set)
     holders: set[DHTID] = field(default_factory=set)  # answered with a value for the key
     failed: set[DHTID] = field(default_factory=set)
+    unreached: dict[DHTID, PeerID] = field(default_factory=dict)  # named by answers, not dialable at once
+    widened: bool = False  # the unreached nodes count as known for this key (see ask_more)
 
 
 @dataclass
@@ -65,6 +68,7 @@ class ReadStats:
     calls: int = 0
     nodes_failed: int = 0
     keys_unfinished: int = 0
+    keys_widened: int = 0  # keys whose dialable nodes fell short of a quorum (the others were asked too)
 
 
 async def read_latest(
@@ -92,8 +96,12 @@ async def read_latest(
     in_flight: dict[asyncio.Task, tuple[DHTID, list[DHTID]]] = {}
 
     def nearest(k: _Key) -> list[DHTID]:
-        usable = (n for n in known if n not in k.failed)
+        pool = known.keys() | k.unreached.keys() if k.widened else known.keys()
+        usable = (n for n in pool if n not in k.failed)
         return heapq.nsmallest(width, usable, key=lambda n: n.xor_distance(k.key_id))
+
+    def peer_of(k: _Key, n: DHTID) -> PeerID:
+        return known[n] if n in known else k.unreached[n]
 
     def done(k: _Key) -> bool:
         near = nearest(k)
@@ -102,16 +110,21 @@ async def read_latest(
 
     def ask_more() -> None:
         plan: dict[DHTID, list[DHTID]] = {}
+        peers: dict[DHTID, PeerID] = {}
         for k in states.values():
+            if done(k) and not k.widened and len(k.holders) < quorum and k.unreached:
+                k.widened = True  # the dialable nodes are short of a quorum: ask the others named too
+                stats.keys_widened += 1
             if done(k):
                 continue
             for n in nearest(k):
                 if n not in k.asked:
                     k.asked.add(n)
                     plan.setdefault(n, []).append(k.key_id)
+                    peers[n] = peer_of(k, n)
         for n, key_ids in plan.items():
             stats.calls += 1
-            task = asyncio.ensure_future(node._call_find_with_blacklist(known[n], key_ids))
+            task = asyncio.ensure_future(node._call_find_with_blacklist(peers[n], key_ids))
             in_flight[task] = (n, key_ids)
 
     loop = asyncio.get_running_loop()
@@ -140,8 +153,11 @@ async def read_latest(
                         k.holders.add(n)
                     k.state.add_candidate(value, source_node_id=n)
                     neighbours.pop(node.node_id, None)
-                    known.update((node_id, peer) for node_id, peer in neighbours.items()
-                                 if peer in reachable or peer in protocol.routing_table)
+                    for node_id, peer in neighbours.items():
+                        if peer in reachable or peer in protocol.routing_table:
+                            known[node_id] = peer
+                        elif node_id not in known:
+                            k.unreached[node_id] = peer
             ask_more()
     finally:
         for task in in_flight:

@@ -174,6 +174,7 @@ async def start_dht(
             "is the bootstrap node running and reachable?"
         ) from None
     node.blacklist = CappedBlacklist(node.blacklist.base_time, node.blacklist.backoff)
+    _evict_after_failures(node.protocol, EVICT_AFTER_FAILURES)
     # the node carries its book: remember_addrs fills it, swarm.dhtread asks the nodes in it (without
     # importing this module)
     node.address_book = AddressBook(node)
@@ -185,6 +186,36 @@ async def start_dht(
 
 
 MAX_SUSPENSION_S = 60.0
+EVICT_AFTER_FAILURES = 3
+
+
+def _evict_after_failures(protocol, limit: int) -> None:
+    """Drop a node from `protocol`'s routing table only after `limit` calls in a row went unanswered.
+
+    hivemind drops it on the first: on a loaded machine or a slow link every node misses an answer now and
+    then, and in the scale harness a reader's table emptied so (a monitor's went from 13 nodes to none)
+    and its reads went blind. Kademlia keeps a node through a few failures for this reason.
+    A node that did not answer is still skipped for a while by every lookup (the blacklist's suspension),
+    so keeping it in the table costs nothing until it is tried again."""
+    table = protocol.routing_table
+    original = protocol.update_routing_table
+    failures: dict[DHTID, int] = {}
+
+    async def update_routing_table(node_id: DHTID | None, peer_id: PeerID, responded: bool = True) -> None:
+        node_id = node_id if node_id is not None else table.get(peer_id=peer_id)
+        if responded:
+            failures.pop(node_id, None)
+        elif node_id is not None and node_id in table:
+            failures[node_id] = failures.get(node_id, 0) + 1
+            if failures[node_id] < limit:
+                return
+            del failures[node_id]
+        if len(failures) > 4 * len(table.uid_to_peer_id) + 64:  # nodes that left the table by other ways
+            for stale in [n for n in failures if n not in table]:
+                del failures[stale]
+        await original(node_id, peer_id, responded)
+
+    protocol.update_routing_table = update_routing_table
 
 
 class CappedBlacklist(Blacklist):
@@ -205,9 +236,9 @@ _refreshing: dict[DHTNode, asyncio.Task] = {}  # each started node's refresh tas
 
 
 async def _refresh_routing(node: DHTNode, period_s: float, initial_peers: list[str]) -> None:
-    """Every ~period_s, look up this node's own id and a random one. hivemind drops a node from its routing
-    table on the first RPC it does not answer in time and learns nodes only from its own lookups and from
-    nodes that contact it; its own bucket refresh (refresh_timeout) fails in hivemind 1.1.12 (it passes one
+    """Every ~period_s, look up this node's own id and a random one. A node leaves the routing table
+    after a few RPCs it did not answer in time (_evict_after_failures), and hivemind learns nodes only from
+    its own lookups and from nodes that contact it; its own bucket refresh (refresh_timeout) fails in hivemind 1.1.12 (it passes one
     id where a list goes). Without this, a node that joined early or lost neighbours to timeouts (the
     bootstrap and a monitor under load) keeps a table of a few nodes, lookups through it end there, and
     readers get part of every block's records: the scale harness at 30 peers saw 14 of 30 after 5 minutes,

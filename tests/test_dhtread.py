@@ -2,8 +2,8 @@
 
 Eight DHT nodes each store their own subkey under two keys (hivemind's store: each on the 5 nodes nearest
 the key); a client-mode node reads them back. The read returns what hivemind's own latest=True read
-returns, every subkey of every key, in fewer calls; with the two nodes nearest a key gone it still does,
-within the protocol's wait for the dead ones.
+returns, every subkey of every key, in fewer calls; so does a reader whose routing table lost every node
+but one; with the two nodes nearest a key gone it still does, within the protocol's wait for the dead ones.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import pytest
 from hivemind.dht.routing import DHTID
 from hivemind.utils.timed_storage import get_dht_time
 
+from swarm import dhtread
 from swarm.dhtread import ReadStats, read_latest
 from swarm.net import NodeSettings, start_dht, start_p2p, stop_node, visible_maddrs
 
@@ -56,6 +57,35 @@ async def _scenario() -> None:
         assert {key: _subkeys(hivemind[key]) for key in KEYS} == dict.fromkeys(KEYS, expected)
         assert found[KEYS[0]].expiration_time == hivemind[KEYS[0]].expiration_time
         assert stats.keys_unfinished == 0 and stats.calls <= SERVERS, stats
+
+        # a reader whose table thinned out to one node that holds nothing, and who can dial no other at once
+        # (a client that nobody contacts), still gets every record: the nodes the answers name are asked too
+        late_p2p, late = await _node(first)
+        nodes.append((late_p2p, late))
+        assert await reader.protocol.call_ping(late.peer_id) == late.node_id
+        await asyncio.sleep(0.5)  # the table takes it in a task; the servers hand it copies they meant it to hold
+        for key in KEYS:
+            for storage in (late.protocol.storage, late.protocol.cache):
+                if storage.get(DHTID.generate(key)) is not None:
+                    del storage[DHTID.generate(key)]
+        table = reader.protocol.routing_table
+        for node_id in list(table.uid_to_peer_id):
+            if node_id != late.node_id:
+                del table[node_id]
+        assert list(table.uid_to_peer_id) == [late.node_id]
+
+        async def only_the_late_node(_node):
+            return {late.peer_id}
+
+        original, dhtread._dialable = dhtread._dialable, only_the_late_node
+        try:
+            stats = ReadStats()
+            found = await read_latest(reader, list(KEYS), timeout_s=10, stats=stats)
+        finally:
+            dhtread._dialable = original
+        assert {key: _subkeys(found[key]) for key in KEYS} == dict.fromkeys(KEYS, expected), stats
+        # (a node that answers joins the table, so a key read after another may find its nodes there)
+        assert stats.keys_widened >= 1, stats
 
         # the two servers nearest the first key leave without a word: others hold its records too
         key_id = DHTID.generate(KEYS[0])

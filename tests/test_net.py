@@ -9,6 +9,7 @@ import time
 import pytest
 
 from swarm.net import (
+    EVICT_AFTER_FAILURES,
     MAX_SUSPENSION_S,
     AddressBook,
     CappedBlacklist,
@@ -161,3 +162,28 @@ def test_the_address_book_keeps_only_the_latest_peers():
         book.learn(peer.to_base58(), ["/ip4/10.0.0.1/tcp/1"])
     book.learn(ids[0].to_base58(), [])  # no addresses: nothing learned, nothing forgotten
     assert [book.known(p) for p in ids] == [None, ("/ip4/10.0.0.1/tcp/1",), ("/ip4/10.0.0.1/tcp/1",)]
+
+
+async def _failures_before_eviction() -> list[bool]:
+    """Three nodes; the third stops. Whether the second still has it in its table after each of four calls
+    to it that fail."""
+    async with _three_nodes(refresh_s=None) as nodes:
+        table = nodes[1].protocol.routing_table
+        gone = nodes[2]
+        deadline = time.monotonic() + 10
+        while gone.node_id not in table and time.monotonic() < deadline:
+            await nodes[1].find_nearest_nodes([gone.node_id])
+        assert gone.node_id in table
+        await gone.shutdown()
+        await gone.p2p.shutdown()
+        kept = []
+        for _ in range(EVICT_AFTER_FAILURES + 1):
+            assert await nodes[1].protocol.call_find(gone.peer_id, [gone.node_id]) is None
+            await asyncio.sleep(0.1)  # the table is updated in a task
+            kept.append(gone.node_id in table)
+        return kept
+
+
+def test_a_node_leaves_the_table_only_after_several_unanswered_calls():
+    kept = asyncio.run(asyncio.wait_for(_failures_before_eviction(), 90))
+    assert kept == [True] * (EVICT_AFTER_FAILURES - 1) + [False, False]
