@@ -11,10 +11,10 @@ keys' questions to one node in one call_find and every node at once. Each answer
 sender knows nearest to the key; nearer ones are asked as they turn up (what a Kademlia lookup does, but
 with no limit on calls in flight). A key is done once `quorum` of its `width` nearest known nodes have
 answered with records for it (a slow one among them is not waited for; a node that holds nothing for
-the key does not count), or once every one of them answered or failed; the read ends when every key is done or at `timeout_s`, with what came. Answers merge
-as hivemind merges them (each subkey's latest expiration wins; records are validated and stripped by
-the node's record validator as hivemind's own reads do), so callers see exactly what DHTNode.get_many
-returns for latest=True.
+the key does not count), or once every one of them answered or failed; the read ends when every key is
+done or at `timeout_s`, with what came. Answers merge as hivemind merges them (each subkey's latest
+expiration wins; records are validated and stripped by the node's record validator as hivemind's own
+reads do), so callers see exactly what DHTNode.get_many returns for latest=True.
 
 Nodes this node's p2pd can dial at once are asked first: those in its routing table (they answered
 before), those it is connected to, and those whose addresses its address book holds (swarm.net.AddressBook,

@@ -64,10 +64,10 @@ async def _scenario() -> None:
         nodes.append((late_p2p, late))
         assert await reader.protocol.call_ping(late.peer_id) == late.node_id
         await asyncio.sleep(0.5)  # the table takes it in a task; the servers hand it copies they meant it to hold
-        for key in KEYS:
+        for key_id in map(DHTID.generate, KEYS):
             for storage in (late.protocol.storage, late.protocol.cache):
-                if storage.get(DHTID.generate(key)) is not None:
-                    del storage[DHTID.generate(key)]
+                if storage.get(key_id) is not None:
+                    del storage[key_id]
         table = reader.protocol.routing_table
         for node_id in list(table.uid_to_peer_id):
             if node_id != late.node_id:
