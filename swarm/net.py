@@ -239,10 +239,11 @@ async def _refresh_routing(node: DHTNode, period_s: float, initial_peers: list[s
     """Every ~period_s, look up this node's own id and a random one. A node leaves the routing table
     after a few RPCs it did not answer in time (_evict_after_failures), and hivemind learns nodes only from
     its own lookups and from nodes that contact it; its own bucket refresh (refresh_timeout) fails in
-    hivemind 1.1.12 (it passes one id where a list goes). Without this, a node that joined early or lost neighbours to timeouts (the
-    bootstrap and a monitor under load) keeps a table of a few nodes, lookups through it end there, and
-    readers get part of every block's records: the scale harness at 30 peers saw 14 of 30 after 5 minutes,
-    its reads contacting one node. A lookup visits up to bucket_size nodes and adds each that answers.
+    hivemind 1.1.12 (it passes one id where a list goes). Without this, a node that joined early or lost
+    neighbours to timeouts (the bootstrap and a monitor under load) keeps a table of a few nodes, lookups
+    through it end there, and readers get part of every block's records: the scale harness at 30 peers saw
+    14 of 30 after 5 minutes, its reads contacting one node. A lookup visits up to bucket_size nodes and
+    adds each that answers.
 
     A lookup starts from the table itself, so a table that lost (nearly) every node cannot refill that way:
     a client's node, which no one contacts, then reads only its own cache. Below half a bucket the node
