@@ -126,10 +126,32 @@ async def start_p2p(settings: NodeSettings) -> P2P:
                 await asyncio.sleep(BOOTSTRAP_RETRY_S)
     finally:
         _die_with_us.reset(token)
+    _guard_unary_calls(p2p)
     p2p.swarm_key = settings.swarm_key
     if not settings.client_mode:
         await serve_admission(p2p)
     return p2p
+
+
+class _CallsInFlight(dict):
+    """hivemind's ControlClient keeps a future per unary call in flight (every DHT RPC is one) and the
+    task that reads p2pd's persistent connection sets it when the answer comes: `if call_id in calls:
+    calls[call_id].set_result(...)`. A call that timed out has its future cancelled a moment before its
+    own cleanup removes it; an answer that arrives in that moment made set_result raise InvalidStateError,
+    which ended the reading task. From then on the node heard no answer to any DHT call and answered no
+    DHT request, for good: its routing table emptied, its announces reached nobody, and its records
+    vanished from every reader while it went on serving (seen in the full test suite under load). Here a
+    call whose future is done is no longer in flight, so a late answer is dropped as hivemind drops one for
+    a call it already forgot."""
+
+    def __contains__(self, call_id) -> bool:
+        future = self.get(call_id)
+        return future is not None and not future.done()
+
+
+def _guard_unary_calls(p2p: P2P) -> None:
+    control = p2p._client.control
+    control._pending_calls = _CallsInFlight(control._pending_calls)
 
 
 def _explain_p2p_failure(error: Exception, settings: NodeSettings) -> str:

@@ -187,3 +187,60 @@ async def _failures_before_eviction() -> list[bool]:
 def test_a_node_leaves_the_table_only_after_several_unanswered_calls():
     kept = asyncio.run(asyncio.wait_for(_failures_before_eviction(), 90))
     assert kept == [True] * (EVICT_AFTER_FAILURES - 1) + [False, False]
+
+
+async def _calls_after_a_late_answer(guarded: bool) -> bool:
+    """Two p2pd nodes; the second, on an event loop of its own thread, answers a unary call (what every DHT
+    RPC is) only once the first's loop is blocked; the call's timeout and the answer then reach the first
+    loop in the same turn, so the answer comes for a future its timeout has just cancelled. Whether the
+    first node can still make a call afterwards. `guarded=False`: hivemind's ControlClient as it is."""
+    import threading
+
+    answering, release = threading.Event(), threading.Event()
+
+    async def handler(data: bytes, _peer) -> bytes:
+        answering.set()
+        await asyncio.get_running_loop().run_in_executor(None, release.wait, 10)
+        return data
+
+    caller = await start_p2p(NodeSettings())
+    if not guarded:
+        control = caller._client.control
+        control._pending_calls = dict(control._pending_calls)  # as hivemind made it
+    other_loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=other_loop.run_forever, daemon=True)
+    thread.start()
+
+    def on_other(coro, timeout_s: float = 30):
+        return asyncio.run_coroutine_threadsafe(coro, other_loop).result(timeout_s)
+
+    try:
+        addrs = [str(a) for a in await visible_maddrs(caller)]
+        callee = on_other(start_p2p(NodeSettings(initial_peers=tuple(addrs))))
+        on_other(callee._client.add_unary_handler("echo", handler))
+
+        async def call(timeout_s: float) -> bytes | None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    return await caller._client.call_unary_handler(callee.peer_id, "echo", b"x")
+            return None
+
+        late = asyncio.create_task(call(0.5))
+        assert await _within(10, answering.is_set)
+        release.set()
+        time.sleep(1.0)  # the answer arrives and the timeout passes while this loop is blocked
+        assert await late is None
+        answering.clear()
+        return await call(5.0) == b"x"
+    finally:
+        release.set()
+        if "callee" in locals():
+            on_other(callee.shutdown())
+        other_loop.call_soon_threadsafe(other_loop.stop)
+        thread.join(5)
+        await caller.shutdown()
+
+
+@pytest.mark.parametrize("guarded, expected", [(True, True), (False, False)])
+def test_an_answer_to_a_call_that_timed_out_leaves_the_node_able_to_call(guarded, expected):
+    assert asyncio.run(asyncio.wait_for(_calls_after_a_late_answer(guarded), 60)) == expected
