@@ -16,20 +16,21 @@ done or at `timeout_s`, with what came. Answers merge as hivemind merges them (e
 expiration wins; records are validated and stripped by the node's record validator as hivemind's own
 reads do), so callers see exactly what DHTNode.get_many returns for latest=True.
 
-Nodes this node's p2pd can dial at once are asked first: those in its routing table (they answered
-before), those it is connected to, and those whose addresses its address book holds (swarm.net.AddressBook,
-from the records it read). A DHT answer names nodes by peer id only, and p2pd must look the others up in
-its own DHT before the call. Asking every node the answers named emptied a client-mode node's routing
-table under load in two 30-peer runs of the scale harness (each failed call drops the node; not
-understood yet). But a key whose dialable nodes give fewer than a quorum of answers with records is not
-done: the others named for it are asked too (the nearest `width`, as any node). Without that, a reader
-whose table had thinned out (a client, which nobody contacts) concluded "no record" for keys whose
-holders it had only heard of.
+First choices are the nodes this node's p2pd can dial at once and that its blacklist does not suspend:
+those in its routing table (they answered before), those it is connected to, and those whose addresses
+its address book holds (swarm.net.AddressBook, from the records it read). A DHT answer names nodes by
+peer id only, and p2pd must look the others up in its own DHT before the call; a suspended node missed
+an answer lately. Asking every node the answers named emptied a client-mode node's routing table under
+load in two 30-peer runs of the scale harness, when each failed call dropped the node. But a key whose
+first choices give fewer than a quorum of answers with records is not done: the other nodes named for
+it are asked too (the nearest `width`, as any node), suspended or not. Without that, a reader whose
+table had thinned out (a client, which nobody contacts) concluded "no record" for keys whose holders it
+had only heard of; and one whose calls to a key's holders had timed out under load (which suspends them)
+would read nothing of it until the suspensions ran out, as hivemind's own read skips suspended nodes.
 
-Where it differs from hivemind's read: it skips the nodes hivemind's blacklist suspends, as hivemind
-does (asking them anyway emptied a monitor's routing table in the scale harness: every failed call
-drops the node from the table), but puts nothing into any cache (readers here always want fresh records; see swarm.net's
-cache_refresh_before_expiry). Tied to hivemind 1.1.12's DHTNode internals (pinned in pyproject.toml).
+Where it differs from hivemind's read beside that: it puts nothing into any cache (readers here always
+want fresh records; see swarm.net's cache_refresh_before_expiry). Tied to hivemind 1.1.12's DHTNode
+internals (pinned in pyproject.toml).
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ class _Key:
     answered: set[DHTID] = field(default_factory=set)
     holders: set[DHTID] = field(default_factory=set)  # answered with a value for the key
     failed: set[DHTID] = field(default_factory=set)
-    unreached: dict[DHTID, PeerID] = field(default_factory=dict)  # named by answers, not dialable at once
+    # named for the key but not a first choice: p2pd cannot dial it at once, or this node's blacklist
+    # suspends it (it missed an answer lately)
+    unreached: dict[DHTID, PeerID] = field(default_factory=dict)
     widened: bool = False  # the unreached nodes count as known for this key (see ask_more)
 
 
@@ -87,12 +90,20 @@ async def read_latest(
                                           record_validator=protocol.record_validator))
         for key_id in by_id
     }
-    known: dict[DHTID, PeerID] = {}
+    reachable = await _dialable(node)
+
+    def first_choice(peer: PeerID) -> bool:
+        return (peer in reachable or peer in protocol.routing_table) and peer not in node.blacklist
+
+    known: dict[DHTID, PeerID] = {}  # first-choice nodes, for every key
     for key_id, k in states.items():
         k.state.add_candidate(protocol.storage.get(key_id), source_node_id=node.node_id)
-        known.update(protocol.routing_table.get_nearest_neighbors(key_id, width, exclude=node.node_id))
-    known.pop(node.node_id, None)
-    reachable = await _dialable(node)
+        nearest_in_table = protocol.routing_table.get_nearest_neighbors(key_id, width, exclude=node.node_id)
+        for node_id, peer in nearest_in_table:
+            if first_choice(peer):
+                known[node_id] = peer
+            else:
+                k.unreached[node_id] = peer
     in_flight: dict[asyncio.Task, tuple[DHTID, list[DHTID]]] = {}
 
     def nearest(k: _Key) -> list[DHTID]:
@@ -107,6 +118,16 @@ async def read_latest(
         near = nearest(k)
         return (sum(n in k.holders for n in near) >= quorum
                 or all(n in k.answered for n in near))
+
+    async def ask(peer: PeerID, key_ids: list[DHTID]):
+        # the blacklist is kept as hivemind's calls keep it, but a suspended node is still asked when it is
+        # among the few that can tell (see the module's docstring)
+        response = await protocol.call_find(peer, key_ids)
+        if response:
+            node.blacklist.register_success(peer)
+        else:
+            node.blacklist.register_failure(peer)
+        return response
 
     def ask_more() -> None:
         plan: dict[DHTID, list[DHTID]] = {}
@@ -124,11 +145,12 @@ async def read_latest(
                     peers[n] = peer_of(k, n)
         for n, key_ids in plan.items():
             stats.calls += 1
-            task = asyncio.ensure_future(node._call_find_with_blacklist(peers[n], key_ids))
+            task = asyncio.ensure_future(ask(peers[n], key_ids))
             in_flight[task] = (n, key_ids)
 
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
+    started = loop.time()
+    deadline = started + timeout_s
     try:
         ask_more()
         while in_flight and not all(done(k) for k in states.values()):
@@ -154,7 +176,7 @@ async def read_latest(
                     k.state.add_candidate(value, source_node_id=n)
                     neighbours.pop(node.node_id, None)
                     for node_id, peer in neighbours.items():
-                        if peer in reachable or peer in protocol.routing_table:
+                        if first_choice(peer):
                             known[node_id] = peer
                         elif node_id not in known:
                             k.unreached[node_id] = peer
@@ -163,9 +185,12 @@ async def read_latest(
         for task in in_flight:
             task.cancel()
     stats.keys_unfinished = sum(not done(k) for k in states.values())
-    if stats.keys_unfinished:
-        logger.debug("%d of %d keys unfinished after %.1f s (%d calls, %d failed)", stats.keys_unfinished,
-                     len(states), timeout_s, stats.calls, stats.nodes_failed)
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("read of %d keys (%s, ...): %d unfinished, %d widened, %d calls (%d failed), "
+                     "holders %s, table %d nodes, %d known, %d dialable, %.2f s", len(states), keys[:1],
+                     stats.keys_unfinished, stats.keys_widened, stats.calls, stats.nodes_failed,
+                     [len(k.holders) for k in states.values()], len(protocol.routing_table.uid_to_peer_id),
+                     len(known), len(reachable), loop.time() - started)
     results: dict[str, object] = {}
     for key_id, k in states.items():
         k.state.finish_search()

@@ -3,7 +3,8 @@
 Eight DHT nodes each store their own subkey under two keys (hivemind's store: each on the 5 nodes nearest
 the key); a client-mode node reads them back. The read returns what hivemind's own latest=True read
 returns, every subkey of every key, in fewer calls; so does a reader whose routing table lost every node
-but one; with the two nodes nearest a key gone it still does, within the protocol's wait for the dead ones.
+but one, and one that suspends every node; with the two nodes nearest a key gone it still does, within the
+protocol's wait for the dead ones.
 """
 
 from __future__ import annotations
@@ -86,6 +87,14 @@ async def _scenario() -> None:
         assert {key: _subkeys(found[key]) for key in KEYS} == dict.fromkeys(KEYS, expected), stats
         # (a node that answers joins the table, so a key read after another may find its nodes there)
         assert stats.keys_widened >= 1, stats
+
+        # a reader whose blacklist suspends every node it knows (its calls timed out under load) reads all too
+        for _, dht in nodes:
+            if dht is not reader:
+                reader.blacklist.register_failure(dht.peer_id)
+        stats = ReadStats()
+        found = await read_latest(reader, list(KEYS), timeout_s=10, stats=stats)
+        assert {key: _subkeys(found[key]) for key in KEYS} == dict.fromkeys(KEYS, expected), stats
 
         # the two servers nearest the first key leave without a word: others hold its records too
         key_id = DHTID.generate(KEYS[0])
