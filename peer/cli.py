@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--network-probe-period-s", type=float, default=d["network_probe_period_s"],
                    help="how often to measure round trip and bandwidth to the neighbouring peers (0 = never)")
     p.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of a bootstrap node or any peer")
+    p.add_argument("--join-timeout-s", type=float, default=d["join_timeout_s"],
+                   help="how long to keep trying the initial peers at start")
     p.add_argument("--host", default=d["host"], help="address to listen on (0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, default=d["port"], help="libp2p TCP port (0 = any free port)")
     p.add_argument("--direct-port", type=int, default=d["direct_port"],
@@ -134,7 +136,7 @@ def parse_size(text: str) -> int | str:
 def config_from_args(args: argparse.Namespace) -> PeerConfig:
     return PeerConfig(
         model_path=args.model, span=Span.parse(args.blocks) if args.blocks else None,
-        initial_peers=tuple(args.initial_peers),
+        initial_peers=tuple(args.initial_peers), join_timeout_s=args.join_timeout_s,
         host=args.host, port=args.port, direct_port=args.direct_port, announce_maddrs=tuple(args.announce_maddrs), identity_path=args.identity,
         swarm_key=SwarmKey.load(args.swarm_key) if args.swarm_key else None,
         model_id=args.model_id, public_name=args.public_name, health_url=args.health_url, device=args.device, dtype=args.dtype,

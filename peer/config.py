@@ -15,6 +15,9 @@ class PeerConfig:
     model_path: str
     span: Span | None = None  # None: chosen from the DHT on start (peer.placement)
     initial_peers: tuple[str, ...] = ()
+    # how long to keep trying the initial peers at start: a busy bootstrap node or a slow link fails a try
+    # now and then (each try ~6-8 s), and a volunteer's peer should not give up after the first few
+    join_timeout_s: float = 90.0
     host: str = "127.0.0.1"
     port: int = 0
     announce_maddrs: tuple[str, ...] = ()
@@ -91,6 +94,8 @@ class PeerConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_wait_ms is not None and not 0 <= self.batch_wait_ms <= 1000:
             raise ConfigError(f"batch wait {self.batch_wait_ms} ms is outside [0, 1000]")
+        if not 1 <= self.join_timeout_s <= 3600:
+            raise ConfigError(f"join timeout {self.join_timeout_s} s is outside [1, 3600]")
         if not 0 <= self.drain_grace_s <= 24 * 3600:
             raise ConfigError(f"drain grace {self.drain_grace_s} s is outside [0, 86400]")
         for name in ("drain_notice_file_period_s", "drain_notice_url_period_s", "drain_notice_url_timeout_s"):

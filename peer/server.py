@@ -194,7 +194,7 @@ class PeerServer:
         settings = NodeSettings(
             initial_peers=self.config.initial_peers, host=self.config.host, port=self.config.port,
             announce_maddrs=self.config.announce_maddrs, identity_path=self.identity.p2pd_identity_path,
-            swarm_key=self.config.swarm_key,
+            swarm_key=self.config.swarm_key, startup_timeout_s=self.config.join_timeout_s,
         )
         self.announcer = Announcer(self)
         try:

@@ -4,6 +4,7 @@ line, and errors that say what to do (wrong model path, port in use, bootstrap u
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 
@@ -55,7 +56,9 @@ def test_port_in_use_and_unreachable_bootstrap(tiny_model_path):
         assert f"port {port} on 127.0.0.1 is in use; pick another --port" in out
         assert "loading" in out and "KV cache" in out  # the memory line comes before any failure
     dead = "/ip4/127.0.0.1/tcp/1/p2p/QmWSFAYbgbopAie6MzP7Lujw4dXndjYwj8ZZPWLJFy1tBP"
-    out = run_peer(["--model", model, "--blocks", "0:2", "--initial-peers", dead])
+    started = time.monotonic()
+    out = run_peer(["--model", model, "--blocks", "0:2", "--initial-peers", dead, "--join-timeout-s", "8"])
+    assert time.monotonic() - started < 60, "the join timeout was not kept"
     assert "could not reach the initial peers" in out and "check the addresses" in out
 
 
