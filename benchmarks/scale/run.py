@@ -198,8 +198,14 @@ class Scenario:
         host = self.h.hosts[host_index]
         span = self.rng.randint(self.cfg.min_span, self.cfg.max_span) if num_blocks is None else num_blocks
         self._wait_for_memory(name)
+        # the bootstrap node and the two peers ready last, as a public swarm lists several initial peers: with
+        # the bootstrap node alone, at ~35 peers on this 2-core machine new peers' p2pd could no longer
+        # connect to it within its timeout (nor, in a test by hand, to any one busy node)
+        running = [f"/ip4/{self.h.hosts[i].relay_addr}/tcp/{P2P_PORT}/p2p/{r['peer_id']}"
+                   for i, r in self.ready.items() if self.peers[i].alive()]
         proc = self.h.start(name, host.netns, [
-            *swarm_cli(), "peer", "--model", self.model, "--initial-peers", *self.initial_peers,
+            *swarm_cli(), "peer", "--model", self.model,
+            "--initial-peers", *self.initial_peers, *running[-2:],
             "--host", host.real_addr, "--port", str(P2P_PORT), "--direct-port", str(DIRECT_PORT),
             "--announce-maddrs", f"/ip4/{host.relay_addr}/tcp/{P2P_PORT}", "--num-threads", "1",
             "--num-blocks", str(span), "--rebalance-period-s", str(self.cfg.rebalance_period_s),
