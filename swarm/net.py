@@ -142,7 +142,7 @@ class _CallsInFlight(dict):
     DHT request, for good: its routing table emptied, its announces reached nobody, and its records
     vanished from every reader while it went on serving (seen in the full test suite under load). Here a
     call whose future is done is no longer in flight, so a late answer is dropped as hivemind drops one for
-    a call it already forgot."""
+    a call it already forgot. Tied to hivemind 1.1.12's ControlClient (pinned in pyproject.toml)."""
 
     def __contains__(self, call_id) -> bool:
         future = self.get(call_id)
