@@ -195,6 +195,10 @@ class PeerServer:
             initial_peers=self.config.initial_peers, host=self.config.host, port=self.config.port,
             announce_maddrs=self.config.announce_maddrs, identity_path=self.identity.p2pd_identity_path,
             swarm_key=self.config.swarm_key, startup_timeout_s=self.config.join_timeout_s,
+            # hivemind checks that no running node holds the identity by starting a second daemon (15 s to
+            # start at most: on a loaded machine that alone failed a peer's start); an identity made for this
+            # process cannot be held elsewhere
+            check_identity_free=not self.identity.is_ephemeral,
         )
         self.announcer = Announcer(self)
         try:
