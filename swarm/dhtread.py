@@ -71,7 +71,7 @@ class ReadStats:
     calls: int = 0
     nodes_failed: int = 0
     keys_unfinished: int = 0
-    keys_widened: int = 0  # keys whose dialable nodes fell short of a quorum (the others were asked too)
+    keys_widened: int = 0  # keys whose first choices fell short of a quorum (the others were asked too)
 
 
 async def read_latest(
@@ -161,10 +161,10 @@ async def read_latest(
             for task in finished:
                 n, key_ids = in_flight.pop(task)
                 response = None if task.cancelled() or task.exception() is not None else task.result()
-                if not response:  # no answer (gone, slow, suspended): the next nearest node stands in
+                if not response:  # no answer (gone or slow): the next nearest node stands in, for every key
                     stats.nodes_failed += 1
-                    for key_id in key_ids:
-                        states[key_id].failed.add(n)
+                    for k in states.values():
+                        k.failed.add(n)
                     continue
                 for key_id, (value, neighbours) in response.items():
                     k = states.get(key_id)

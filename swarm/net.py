@@ -101,7 +101,6 @@ async def start_p2p(settings: NodeSettings) -> P2P:
         host_maddrs=[] if settings.client_mode else [host_maddr],
         announce_maddrs=list(settings.announce_maddrs) or None,
         identity_path=settings.identity_path,
-        startup_timeout=settings.startup_timeout_s,
         check_if_identity_free=settings.check_identity_free,
     )
     if settings.client_mode:
@@ -114,7 +113,9 @@ async def start_p2p(settings: NodeSettings) -> P2P:
         while True:
             attempt += 1
             try:
-                p2p = await SwarmP2P.create(**kwargs)
+                # each try within what is left of the start-up time (a try near its end may still take 5 s)
+                left_s = max(deadline - time.monotonic(), 5.0)
+                p2p = await SwarmP2P.create(**kwargs, startup_timeout=left_s)
                 break
             except Exception as e:  # p2pd reports failures as bare exceptions with its own text
                 # a busy bootstrap node or a lossy link deserves another try (the scale harness's clients

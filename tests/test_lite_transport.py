@@ -150,6 +150,7 @@ def test_records_failing_checks_are_dropped_as_on_the_hivemind_path(lite_python,
 
     from swarm import records
     from swarm.identity import Identity
+    from swarm.net import _guard_unary_calls
     from swarm.spans import default_model_id
 
     model_id = default_model_id(str(model_path))
@@ -165,6 +166,7 @@ def test_records_failing_checks_are_dropped_as_on_the_hivemind_path(lite_python,
             state["p2p"] = await P2P.create(initial_peers=list(swarm.initial_peers),
                                             host_maddrs=["/ip4/127.0.0.1/tcp/0"],
                                             identity_path=mallory.p2pd_identity_path)
+            _guard_unary_calls(state["p2p"])  # as start_p2p does
             state["node"] = await DHTNode.create(p2p=state["p2p"], initial_peers=list(swarm.initial_peers),
                                                  record_validator=None)
 

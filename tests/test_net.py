@@ -225,10 +225,14 @@ async def _calls_after_a_late_answer(guarded: bool) -> bool:
                     return await caller._client.call_unary_handler(callee.peer_id, "echo", b"x")
             return None
 
-        late = asyncio.create_task(call(0.5))
-        assert await _within(10, answering.is_set)
+        timeout_s = 3.0
+        deadline = time.monotonic() + timeout_s
+        late = asyncio.create_task(call(timeout_s))
+        reached = await _within(timeout_s, answering.is_set)
+        assert reached, "the call reached the handler only after its timeout"
         release.set()
-        time.sleep(1.0)  # the answer arrives and the timeout passes while this loop is blocked
+        # the answer arrives and the timeout passes while this loop is blocked
+        time.sleep(max(0.0, deadline - time.monotonic()) + 0.5)
         assert await late is None
         answering.clear()
         return await call(5.0) == b"x"
@@ -238,6 +242,7 @@ async def _calls_after_a_late_answer(guarded: bool) -> bool:
             on_other(callee.shutdown())
         other_loop.call_soon_threadsafe(other_loop.stop)
         thread.join(5)
+        other_loop.close()
         await caller.shutdown()
 
 

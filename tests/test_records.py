@@ -18,6 +18,7 @@ from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time
 
 from swarm.errors import ProtocolError, VersionMismatch
 from swarm.identity import Identity
+from swarm.net import _guard_unary_calls
 from swarm.records import (
     MODELS_KEY,
     BlockRecord,
@@ -334,6 +335,7 @@ async def _dht_node(identity: Identity, initial_peers=()):
         host_maddrs=["/ip4/127.0.0.1/tcp/0"],
         identity_path=identity.p2pd_identity_path,
     )
+    _guard_unary_calls(p2p)  # as start_p2p does: hivemind's ControlClient dies of a late answer without it
     try:
         node = await DHTNode.create(
             p2p=p2p,
