@@ -57,7 +57,6 @@ class _Key:
     asked: set[DHTID] = field(default_factory=set)
     answered: set[DHTID] = field(default_factory=set)
     holders: set[DHTID] = field(default_factory=set)  # answered with a value for the key
-    failed: set[DHTID] = field(default_factory=set)
     # named for the key but not a first choice: p2pd cannot dial it at once, or this node's blacklist
     # suspends it (it missed an answer lately)
     unreached: dict[DHTID, PeerID] = field(default_factory=dict)
@@ -104,11 +103,12 @@ async def read_latest(
                 known[node_id] = peer
             else:
                 k.unreached[node_id] = peer
+    failed: set[DHTID] = set()  # gave no answer to a call of this read: not asked again, for any key
     in_flight: dict[asyncio.Task, tuple[DHTID, list[DHTID]]] = {}
 
     def nearest(k: _Key) -> list[DHTID]:
         pool = known.keys() | k.unreached.keys() if k.widened else known.keys()
-        usable = (n for n in pool if n not in k.failed)
+        usable = (n for n in pool if n not in failed)
         return heapq.nsmallest(width, usable, key=lambda n: n.xor_distance(k.key_id))
 
     def peer_of(k: _Key, n: DHTID) -> PeerID:
@@ -133,11 +133,13 @@ async def read_latest(
         plan: dict[DHTID, list[DHTID]] = {}
         peers: dict[DHTID, PeerID] = {}
         for k in states.values():
-            if done(k) and not k.widened and len(k.holders) < quorum and k.unreached:
-                k.widened = True  # the dialable nodes are short of a quorum: ask the others named too
-                stats.keys_widened += 1
             if done(k):
-                continue
+                if k.widened or len(k.holders) >= quorum or not k.unreached:
+                    continue
+                k.widened = True  # the first choices are short of a quorum: ask the others named too
+                stats.keys_widened += 1
+                if done(k):
+                    continue
             for n in nearest(k):
                 if n not in k.asked:
                     k.asked.add(n)
@@ -163,8 +165,7 @@ async def read_latest(
                 response = None if task.cancelled() or task.exception() is not None else task.result()
                 if not response:  # no answer (gone or slow): the next nearest node stands in, for every key
                     stats.nodes_failed += 1
-                    for k in states.values():
-                        k.failed.add(n)
+                    failed.add(n)
                     continue
                 for key_id, (value, neighbours) in response.items():
                     k = states.get(key_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import ctypes
+import itertools
 import logging
 import math
 import os
@@ -109,9 +110,7 @@ async def start_p2p(settings: NodeSettings) -> P2P:
     token = _die_with_us.set(True)
     deadline = time.monotonic() + settings.startup_timeout_s
     try:
-        attempt = 0
-        while True:
-            attempt += 1
+        for attempt in itertools.count(1):
             try:
                 # each try within what is left of the start-up time (a try near its end may still take 5 s)
                 left_s = max(deadline - time.monotonic(), 5.0)
